@@ -1,0 +1,23 @@
+"""Blocks every model shares. Family-specific blocks live in this package's other modules."""
+from cnnlab.layers.activations import ACTIVATIONS, Maxout, get_act_layer
+from cnnlab.layers.attention import SqueezeExcite
+from cnnlab.layers.conv import (
+    ConvNormAct,
+    SeparableConv2d,
+    channel_shuffle,
+    conv_output_size,
+    conv_transpose_output_size,
+    make_act,
+    make_divisible,
+    same_padding,
+)
+from cnnlab.layers.drop import DropConnectLinear, DropPath, drop_path
+from cnnlab.layers.init import INIT_SCHEMES, init_weights, zero_init_last_norm
+from cnnlab.layers.norm import LayerNorm2d, get_norm_layer, local_response_norm
+
+__all__ = [
+    "ACTIVATIONS", "ConvNormAct", "DropConnectLinear", "DropPath", "INIT_SCHEMES", "LayerNorm2d", "Maxout",
+    "SeparableConv2d", "SqueezeExcite", "channel_shuffle", "conv_output_size", "conv_transpose_output_size",
+    "drop_path", "get_act_layer", "get_norm_layer", "init_weights", "local_response_norm", "make_act",
+    "make_divisible", "same_padding", "zero_init_last_norm",
+]

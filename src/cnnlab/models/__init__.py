@@ -1,0 +1,26 @@
+"""Classification networks. Each family module registers its variants on import."""
+import importlib
+import pkgutil
+
+from cnnlab.models.base import Classifier, FeatureInfo
+from cnnlab.models.registry import (
+    Family,
+    ModelInfo,
+    create_model,
+    list_models,
+    model_info,
+    overwrite_param,
+    register_model,
+)
+from cnnlab.models.weights import LoadResult, load_weights, read_state_dict
+
+_INFRASTRUCTURE = {"base", "registry", "weights"}
+# Every other module of this package is a family; importing it registers its variants.
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    if _module not in _INFRASTRUCTURE and not _module.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module}")
+
+__all__ = [
+    "Classifier", "Family", "FeatureInfo", "LoadResult", "ModelInfo", "create_model", "list_models",
+    "load_weights", "model_info", "overwrite_param", "read_state_dict", "register_model",
+]

@@ -1,0 +1,135 @@
+"""Registry-parametrized smoke tests over every classifier, and the registry's own behaviour."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import cnnlab
+from cnnlab import CnnlabError
+from cnnlab.models import Classifier, model_info
+
+CLASSIFIERS = cnnlab.list_models(task="classification")
+# Smoke inputs stay small; a model that needs more says so through min_input_size.
+SMOKE_SIZE = 64
+
+
+def smoke_input(model: Classifier, size: int = SMOKE_SIZE) -> torch.Tensor:
+    size = max(size, model.min_input_size)
+    return torch.randn(2, model.in_channels, size, size)
+
+
+@pytest.mark.parametrize("name", CLASSIFIERS)
+def test_forward_backward(name):
+    torch.manual_seed(0)
+    model = cnnlab.create_model(name, num_classes=7)
+    assert isinstance(model, Classifier)
+    assert model.model_name == name and model.num_classes == 7
+    model.train()
+    x = smoke_input(model)
+    out = model(x)
+    assert out.shape == (2, 7)
+    assert torch.isfinite(out).all()
+    out.logsumexp(1).mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads), "a parameter got no or a non-finite gradient"
+
+
+@pytest.mark.parametrize("name", CLASSIFIERS)
+def test_interface(name):
+    model = cnnlab.create_model(name, num_classes=5).eval()
+    x = smoke_input(model, size=max(96, model.min_input_size))
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        pre = model.forward_head(feats, pre_logits=True)
+        logits = model.forward_head(feats)
+        assert logits.shape == (2, 5) and pre.ndim == 2
+        # feature_info describes the real feature maps: channels exactly, stride up to border effects
+        maps = model.forward_intermediates(x)
+        assert len(maps) == len(model.feature_info) >= 1
+        for info, fmap in zip(model.feature_info, maps):
+            assert fmap.shape[1] == info.channels, f"{info.module}: {fmap.shape[1]} channels, feature_info says {info.channels}"
+            expected = x.shape[-1] / info.stride
+            assert 0.75 * expected - 2 <= fmap.shape[-1] <= math.ceil(expected), (
+                f"{info.module}: width {fmap.shape[-1]} at input {x.shape[-1]}, feature_info says stride {info.stride}"
+            )
+        assert maps[-1].shape[1] == feats.shape[1]
+        strides = [f.stride for f in model.feature_info]
+        assert strides == sorted(strides)
+        # reset_classifier: a new head, then none at all
+        model.reset_classifier(3)
+        assert model(x).shape == (2, 3) and model.num_classes == 3
+        model.reset_classifier(0)
+        assert model(x).shape == pre.shape
+
+
+@pytest.mark.parametrize("name", CLASSIFIERS)
+def test_bad_input_names_expected_shape(name):
+    model = cnnlab.create_model(name, num_classes=4).eval()
+    wrong_channels = model.in_channels + 1
+    with pytest.raises(CnnlabError, match=rf"\(B, {model.in_channels}, H, W\)"):
+        model(torch.randn(1, wrong_channels, 64, 64))
+    too_small = model.min_input_size - 1
+    if too_small >= 1:
+        with pytest.raises(CnnlabError, match=f">= {model.min_input_size}"):
+            model(torch.randn(1, model.in_channels, too_small, too_small))
+
+
+@pytest.mark.parametrize("name", CLASSIFIERS)
+def test_model_info(name):
+    info = model_info(name)
+    assert info.num_params > 0 and info.paper and info.year > 1980
+    assert len(info.default_input) == 3
+    model = cnnlab.create_model(name)
+    assert sum(p.numel() for p in model.parameters()) == info.num_params
+
+
+def test_in_channels_override():
+    model = cnnlab.create_model("simple_cnn", in_channels=3, num_classes=4)
+    assert model(torch.randn(2, 3, 28, 28)).shape == (2, 4)
+
+
+def test_unknown_model_suggests_closest():
+    with pytest.raises(CnnlabError, match="did you mean simple_cnn"):
+        cnnlab.create_model("simple_cnm")
+
+
+def test_unknown_option_lists_accepted():
+    with pytest.raises(CnnlabError, match="does not take the option 'dropout'.*drop_rate"):
+        cnnlab.create_model("simple_cnn", dropout=0.1)
+
+
+def test_bad_num_classes():
+    with pytest.raises(CnnlabError, match="num_classes"):
+        cnnlab.create_model("simple_cnn", num_classes=-1)
+
+
+def test_duplicate_registration_is_an_error():
+    from cnnlab.models.registry import register_model
+    from cnnlab.models.simple_cnn import SIMPLE_CNN
+
+    with pytest.raises(CnnlabError, match="registered twice"):
+        register_model(SIMPLE_CNN, name="simple_cnn")(lambda **kw: None)
+
+
+def test_overwrite_param_conflict():
+    from cnnlab.models.registry import overwrite_param
+
+    kwargs = {"groups": 4}
+    with pytest.raises(CnnlabError, match="conflicts"):
+        overwrite_param(kwargs, "groups", 32)
+    kwargs = {}
+    overwrite_param(kwargs, "groups", 32)
+    assert kwargs == {"groups": 32}
+
+
+def test_list_models_pattern():
+    assert cnnlab.list_models("simple_*") == ["simple_cnn", "simple_cnn_bn"]
+    assert cnnlab.list_models("nothing_like_this*") == []
+
+
+def test_simple_cnn_keras_param_count():
+    # Keras model.summary() of the notes' model: 1,413,834 trainable parameters
+    # (conv 3,200 + 73,856 + 147,584 + 295,168 + 590,080; dense 295,040 + 8,256 + 650).
+    assert model_info("simple_cnn").num_params == 1_413_834

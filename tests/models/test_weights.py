@@ -1,0 +1,108 @@
+"""load_weights and create_model(weights=...): files, layouts, errors, offline downloads."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cnnlab
+from cnnlab import CnnlabError
+from cnnlab.models import weights as weights_mod
+
+
+def _model():
+    torch.manual_seed(1)
+    return cnnlab.create_model("simple_cnn_bn")
+
+
+def test_roundtrip_safetensors_and_torch_file(tmp_path):
+    from safetensors.torch import save_file
+
+    src = _model()
+    save_file(src.state_dict(), tmp_path / "w.safetensors")
+    torch.save({"state_dict": src.state_dict()}, tmp_path / "w.pth")
+    for f in ("w.safetensors", "w.pth"):
+        dst = cnnlab.create_model("simple_cnn_bn")
+        result = cnnlab.load_weights(dst, tmp_path / f)
+        assert result.ok and result.layout == "cnnlab"
+        for k, v in src.state_dict().items():
+            assert torch.equal(dst.state_dict()[k], v)
+
+
+def test_ddp_prefix_is_stripped():
+    src = _model()
+    dst = cnnlab.create_model("simple_cnn_bn")
+    assert cnnlab.load_weights(dst, {f"module.{k}": v for k, v in src.state_dict().items()}).ok
+
+
+def test_missing_and_unexpected_keys_are_named():
+    sd = _model().state_dict()
+    sd["extra.weight"] = torch.zeros(1)
+    del sd["fc.bias"]
+    with pytest.raises(CnnlabError, match=r"missing \(1\): fc.bias(.|\n)*unexpected \(1\): extra.weight"):
+        cnnlab.load_weights(cnnlab.create_model("simple_cnn_bn"), sd)
+    result = cnnlab.load_weights(cnnlab.create_model("simple_cnn_bn"), sd, strict=False)
+    assert result.missing == ["fc.bias"] and result.unexpected == ["extra.weight"]
+
+
+def test_shape_mismatch_named_and_skipped_when_not_strict():
+    sd = _model().state_dict()
+    dst = cnnlab.create_model("simple_cnn_bn", num_classes=3)
+    with pytest.raises(CnnlabError, match="fc.weight: file"):
+        cnnlab.load_weights(dst, sd)
+    result = cnnlab.load_weights(dst, sd, strict=False)
+    assert sorted(m.split(":")[0] for m in result.mismatched) == ["fc.bias", "fc.weight"]
+    assert torch.equal(dst.state_dict()["stages.0.0.conv.weight"], sd["stages.0.0.conv.weight"])
+
+
+class NotTensors:
+    """A pickled class: weights_only loading must refuse it."""
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    torch.save({"state_dict": NotTensors()}, tmp_path / "evil.pth")
+    with pytest.raises(CnnlabError, match="weights_only"):
+        cnnlab.load_weights(_model(), tmp_path / "evil.pth")
+
+
+def test_corrupt_and_missing_files(tmp_path):
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CnnlabError, match="not a readable safetensors"):
+        cnnlab.load_weights(_model(), tmp_path / "bad.safetensors")
+    with pytest.raises(CnnlabError, match="not found"):
+        cnnlab.load_weights(_model(), tmp_path / "nope.pth")
+
+
+def test_weights_path_in_create_model(tmp_path):
+    src = _model()
+    torch.save(src.state_dict(), tmp_path / "w.pt")
+    dst = cnnlab.create_model("simple_cnn_bn", weights=str(tmp_path / "w.pt"))
+    assert torch.equal(dst.fc.weight, src.fc.weight)
+
+
+def test_unknown_weights_source():
+    with pytest.raises(CnnlabError, match="expected one of torchvision, timm or a path"):
+        cnnlab.create_model("simple_cnn", weights="imagenet")
+
+
+def test_no_pretrained_for_model():
+    with pytest.raises(CnnlabError, match="no 'torchvision' pretrained weights"):
+        cnnlab.create_model("simple_cnn", weights="torchvision")
+
+
+def test_offline_download_fails_clearly(monkeypatch):
+    """A download that cannot reach the network ends in a message that says what to do."""
+    import urllib.error
+
+    from cnnlab.models.registry import Family, ModelInfo
+
+    info = ModelInfo(name="fake", family=Family("Fake", "paper", 2020), builder=lambda **kw: None,
+                     pretrained={"torchvision": "resnet18"})
+
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
+    with pytest.raises(CnnlabError, match="could not download torchvision weights 'resnet18'.*network access.*weights='/path/to/file'"):
+        weights_mod.download_pretrained(info, "torchvision")
