@@ -106,3 +106,19 @@ def test_offline_download_fails_clearly(monkeypatch):
     monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
     with pytest.raises(CnnlabError, match="could not download torchvision weights 'resnet18'.*network access.*weights='/path/to/file'"):
         weights_mod.download_pretrained(info, "torchvision")
+
+
+def test_rgb_weights_adapt_to_other_input_channels():
+    """Pretrained RGB filters load into a 1- or 5-channel model; a grey image gives the same response."""
+    torch.manual_seed(0)
+    rgb = cnnlab.create_model("simple_cnn_bn", in_channels=3).eval()
+    grey = cnnlab.create_model("simple_cnn_bn", in_channels=1).eval()
+    result = cnnlab.load_weights(grey, rgb.state_dict())
+    assert result.ok and result.adapted == ["stages.0.0.conv.weight"]
+    x = torch.rand(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(grey(x), rgb(x.expand(-1, 3, -1, -1)), atol=1e-5)
+    five = cnnlab.create_model("simple_cnn_bn", in_channels=5).eval()
+    cnnlab.load_weights(five, rgb.state_dict())
+    w_rgb, w_five = rgb.stages[0][0].conv.weight, five.stages[0][0].conv.weight
+    assert torch.allclose(w_five[:, :3], w_rgb * 3 / 5) and torch.allclose(w_five[:, 3:], w_rgb[:, :2] * 3 / 5)

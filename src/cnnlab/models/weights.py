@@ -23,6 +23,7 @@ class LoadResult:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)  # same name, other shape (skipped when not strict)
+    adapted: list[str] = field(default_factory=list)  # input convs adapted from RGB to the model's channels
 
     @property
     def ok(self) -> bool:
@@ -110,8 +111,10 @@ def load_weights(
     own = model.state_dict()
     layouts = _candidate_layouts(model, state_dict)
     layout, converted = max(layouts.items(), key=lambda kv: _score(kv[1], own))
+    converted, adapted = adapt_input_channels(converted, own)
     result = LoadResult(
         layout=layout,
+        adapted=adapted,
         missing=sorted(k for k in own if k not in converted),
         unexpected=sorted(k for k in converted if k not in own),
         mismatched=sorted(
@@ -126,6 +129,28 @@ def load_weights(
     loadable = {k: v for k, v in converted.items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(loadable, strict=False)
     return result
+
+
+def adapt_input_channels(state_dict: StateDict, own: StateDict) -> tuple[StateDict, list[str]]:
+    """Fit RGB first-layer conv weights to a model built for other input channels.
+
+    One channel: the sum over RGB (a grey image through the RGB filters). C channels: the RGB
+    filters repeated and scaled by 3/C, so activations keep their scale (the rule timm uses).
+    """
+    out, adapted = dict(state_dict), []
+    for k, v in state_dict.items():
+        target = own.get(k)
+        if target is None or v.ndim != 4 or target.ndim != 4 or v.shape[1] != 3 or target.shape[1] == 3:
+            continue
+        if v.shape[0] != target.shape[0] or v.shape[2:] != target.shape[2:]:
+            continue
+        c = target.shape[1]
+        if c == 1:
+            out[k] = v.sum(1, keepdim=True)
+        else:
+            out[k] = v.repeat(1, (c + 2) // 3, 1, 1)[:, :c] * (3 / c)
+        adapted.append(k)
+    return out, adapted
 
 
 def _describe(result: LoadResult, limit: int = 10) -> str:
