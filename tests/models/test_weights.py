@@ -122,3 +122,28 @@ def test_rgb_weights_adapt_to_other_input_channels():
     cnnlab.load_weights(five, rgb.state_dict())
     w_rgb, w_five = rgb.stages[0][0].conv.weight, five.stages[0][0].conv.weight
     assert torch.allclose(w_five[:, :3], w_rgb * 3 / 5) and torch.allclose(w_five[:, 3:], w_rgb[:, :2] * 3 / 5)
+
+
+def test_pretrained_torchvision_path_converts_and_replaces_head(monkeypatch):
+    """weights='torchvision' fetches through torchvision's own mechanism, converts, loads; a new head
+    is fitted for num_classes != 1000. The download is replaced by a random torchvision model."""
+    import torchvision
+
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18(weights=None).eval()
+    asked = []
+
+    def fake_get_state_dict(self, *args, **kwargs):
+        asked.append(str(self))
+        return reference.state_dict()
+
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", fake_get_state_dict)
+    model = cnnlab.create_model("resnet18", weights="torchvision").eval()
+    assert asked == ["ResNet18_Weights.IMAGENET1K_V1"]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x), reference(x), atol=1e-5)
+    small = cnnlab.create_model("resnet18", weights="torchvision", num_classes=10).eval()
+    assert small.num_classes == 10 and small(x).shape == (1, 10)
+    with torch.no_grad():  # the backbone is the pretrained one
+        assert torch.allclose(small.forward_features(x), model.forward_features(x), atol=1e-5)
