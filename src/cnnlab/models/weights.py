@@ -111,6 +111,8 @@ def load_weights(
     own = model.state_dict()
     layouts = _candidate_layouts(model, state_dict)
     layout, converted = max(layouts.items(), key=lambda kv: _score(kv[1], own))
+    if hasattr(model, "filter_state_dict"):  # a model may drop keys it knows it does not need (GoogLeNet's aux heads)
+        converted = model.filter_state_dict(converted)
     converted, adapted = adapt_input_channels(converted, own)
     result = LoadResult(
         layout=layout,
