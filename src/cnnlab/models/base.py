@@ -84,7 +84,7 @@ class Classifier(nn.Module):
         setattr(parent, child, new)
         self.num_classes = max(num_classes, 0)
 
-    _head_in_features: int = 0
+    _head_in_features = 0  # no annotation: TorchScript cannot read the string 'int' that PEP 563 leaves
 
     def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The feature map of every stage listed in ``feature_info``, in order."""
