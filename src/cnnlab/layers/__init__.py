@@ -12,6 +12,8 @@ from cnnlab.layers.conv import (
     same_padding,
 )
 from cnnlab.layers.residual import BasicBlock, Bottleneck, NormAct, PreActBasicBlock, PreActBottleneck
+from cnnlab.layers.dense import DenseBlock, DenseLayer, NormActConv, Transition
+from cnnlab.layers.shuffle import ChannelShuffle, ShuffleUnitV1, ShuffleUnitV2
 from cnnlab.layers.fire import Fire
 from cnnlab.layers.inception import InceptionModule
 from cnnlab.layers.drop import DropConnectLinear, DropPath, drop_path
@@ -19,6 +21,7 @@ from cnnlab.layers.init import INIT_SCHEMES, init_weights, zero_init_last_norm
 from cnnlab.layers.norm import LayerNorm2d, get_norm_layer, local_response_norm
 
 __all__ = [
+    "ChannelShuffle", "DenseBlock", "DenseLayer", "NormActConv", "ShuffleUnitV1", "ShuffleUnitV2", "Transition",
     "ACTIVATIONS", "BasicBlock", "Bottleneck", "NormAct", "PreActBasicBlock", "PreActBottleneck", "ConvNormAct", "Fire", "InceptionModule", "DropConnectLinear", "DropPath", "INIT_SCHEMES", "LayerNorm2d", "Maxout",
     "SeparableConv2d", "SqueezeExcite", "channel_shuffle", "conv_output_size", "conv_transpose_output_size",
     "drop_path", "get_act_layer", "get_norm_layer", "init_weights", "local_response_norm", "make_act",
