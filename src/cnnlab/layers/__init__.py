@@ -14,6 +14,7 @@ from cnnlab.layers.conv import (
 from cnnlab.layers.residual import BasicBlock, Bottleneck, NormAct, PreActBasicBlock, PreActBottleneck
 from cnnlab.layers.dense import DenseBlock, DenseLayer, NormActConv, Transition
 from cnnlab.layers.shuffle import ChannelShuffle, ShuffleUnitV1, ShuffleUnitV2
+from cnnlab.layers.mbconv import DepthwiseSeparableBlock, MBConv
 from cnnlab.layers.fire import Fire
 from cnnlab.layers.inception import InceptionModule
 from cnnlab.layers.drop import DropConnectLinear, DropPath, drop_path
@@ -21,6 +22,7 @@ from cnnlab.layers.init import INIT_SCHEMES, init_weights, zero_init_last_norm
 from cnnlab.layers.norm import LayerNorm2d, get_norm_layer, local_response_norm
 
 __all__ = [
+    "DepthwiseSeparableBlock", "MBConv",
     "ChannelShuffle", "DenseBlock", "DenseLayer", "NormActConv", "ShuffleUnitV1", "ShuffleUnitV2", "Transition",
     "ACTIVATIONS", "BasicBlock", "Bottleneck", "NormAct", "PreActBasicBlock", "PreActBottleneck", "ConvNormAct", "Fire", "InceptionModule", "DropConnectLinear", "DropPath", "INIT_SCHEMES", "LayerNorm2d", "Maxout",
     "SeparableConv2d", "SqueezeExcite", "channel_shuffle", "conv_output_size", "conv_transpose_output_size",
