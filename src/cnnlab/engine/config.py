@@ -1,0 +1,294 @@
+"""Typed run configuration: one dataclass per concern, printed at start, saved as JSON, overridable.
+
+``apply_overrides(config, ["optim.lr=0.1", "data.flip=true", "epochs=3"])`` sets fields by
+dotted path with type checking; an unknown key raises with the closest valid keys.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from cnnlab._errors import CnnlabError, did_you_mean
+
+
+@dataclass
+class ModelConfig:
+    """Which network, from which weights, and which parts train.
+
+    Args:
+        name: a registry name (``cnnlab models``).
+        weights: None (random init), a weights file, or ``"torchvision"``/``"timm"`` pretrained.
+        options: architecture overrides passed to ``create_model`` (``{"drop_rate": 0.3}``).
+        freeze: module-name prefixes whose parameters do not train (``["stem", "stages.0"]``).
+        lr_mult: module-name prefix -> learning-rate multiplier (discriminative learning rates).
+        channels_last: NHWC memory format (faster convolutions on CPU and tensor cores).
+        compile: wrap the model in ``torch.compile``.
+    """
+
+    name: str = "simple_cnn_bn"
+    weights: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    freeze: list[str] = field(default_factory=list)
+    lr_mult: dict[str, float] = field(default_factory=dict)
+    channels_last: bool = True
+    compile: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Dataset, split, preprocessing and augmentation.
+
+    Args:
+        name: a dataset name (``fashion_mnist``, ``mnist``, ``cifar10``, ``cifar100``, ``digits``,
+            ``mnist_5k``) or a folder with one sub-folder of images per class.
+        root: where the files are cached (default ``~/.cache/cnnlab/data/<name>``).
+        val_fraction: share of the training split held out for validation (fixed by the seed).
+        image_size: resize folder images to this square size; None keeps the dataset's.
+        normalize: ``standard`` (per-channel mean/std of the training split), ``pca``, ``zca`` or ``none``.
+        flip, vflip, crop_padding, resized_crop_scale, rotate, translate, scale, shear, jitter,
+            cutout, mixup, cutmix: batched augmentation (0 / False = off); mixup and cutmix are Beta alphas.
+        train_limit: use only the first N training images (quick experiments; 0 = all).
+        num_workers: DataLoader workers for image folders.
+    """
+
+    name: str = "fashion_mnist"
+    root: str | None = None
+    download: bool = True
+    val_fraction: float = 0.0
+    batch_size: int = 128
+    eval_batch_size: int = 1000
+    image_size: int | None = None
+    normalize: str = "standard"
+    flip: bool = False
+    vflip: bool = False
+    crop_padding: int = 0
+    resized_crop_scale: float = 0.0
+    rotate: float = 0.0
+    translate: float = 0.0
+    scale: tuple[float, float] = (1.0, 1.0)
+    shear: float = 0.0
+    jitter: float = 0.0
+    cutout: int = 0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    train_limit: int = 0
+    num_workers: int = 2
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser, schedule and regularisation.
+
+    Args:
+        optimizer: ``sgd`` (momentum), ``adam`` or ``adamw``.
+        lr: peak learning rate; with ``base_batch_size`` > 0 it is scaled by batch_size / base_batch_size
+            (the linear rule of Goyal et al. 2017).
+        schedule: ``constant``, ``step`` (x ``gamma`` every ``step_epochs``), ``cosine`` or ``onecycle``.
+        warmup_epochs: linear warm-up from 0 (constant, step and cosine schedules).
+        onecycle_pct: share of the steps spent rising in the one-cycle schedule.
+        weight_decay: decoupled (AdamW) or coupled (SGD, Adam) decay, not applied to biases and norms.
+        l1, l2: explicit penalties added to the loss (sum of |w| and of w^2 over weight tensors).
+        clip_grad_norm: clip the global gradient norm (0 = off).
+        ema_decay: keep an exponential moving average of the weights and evaluate it (0 = off).
+    """
+
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"
+    warmup_epochs: float = 0.0
+    onecycle_pct: float = 0.25
+    step_epochs: int = 10
+    gamma: float = 0.1
+    base_batch_size: int = 0
+    label_smoothing: float = 0.0
+    l1: float = 0.0
+    l2: float = 0.0
+    clip_grad_norm: float = 0.0
+    ema_decay: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """A whole run.
+
+    Args:
+        epochs: fixed number of epochs (the budget does not depend on wall time, so runs repeat).
+        device: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:1``...
+        amp: mixed precision: ``auto`` (bf16 on CUDA, off on CPU), ``bf16`` or ``none``.
+        threads: CPU threads for torch (0 = torch's default).
+        patience: early stopping after this many epochs without improvement of ``monitor`` (0 = off).
+        monitor: ``val_loss`` or ``val_acc`` (needs ``data.val_fraction`` > 0).
+        tta_flip: also evaluate on left-right flipped images and average the logits.
+        out_dir, name: the run folder is ``out_dir/name`` (name defaults to model-data-date).
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    epochs: int = 10
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"
+    threads: int = 0
+    patience: int = 0
+    monitor: str = "val_loss"
+    tta_flip: bool = False
+    out_dir: str = "runs"
+    name: str = ""
+    plots: bool = True
+    quiet: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        config = cls()
+        apply_overrides(config, [f"{k}={json.dumps(v)}" for k, v in _flatten(data).items()])
+        return config
+
+    def describe(self) -> str:
+        """The configuration as ``section.key = value`` lines (printed at the start of a run)."""
+        return "\n".join(f"  {k} = {v!r}" for k, v in _flatten(self.to_dict()).items())
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict) and k in ("model", "data", "optim") and not prefix:
+            out.update(_flatten(v, f"{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def config_keys(config: Any, prefix: str = "") -> list[str]:
+    """Every settable dotted key of a config dataclass."""
+    keys = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += config_keys(value, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _parse(text: str, kind: Any, key: str) -> Any:
+    """Turn the text after '=' into a value of the annotated type, or raise naming the key."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        if text.strip().lower() in ("none", "null", ""):
+            if type(None) in args:
+                return None
+        for arg in (a for a in args if a is not type(None)):
+            return _parse(text, arg, key)
+    try:
+        if kind is bool:
+            low = text.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if kind is int:
+            value = float(text)  # accept '3' and '3.0', reject '3.5'
+            if value != int(value):
+                raise ValueError
+            return int(value)
+        if kind is float:
+            return float(text)
+        if kind is str:
+            return text[1:-1] if len(text) >= 2 and text[0] == text[-1] == '"' else text
+        if origin in (list, tuple, dict):
+            value = _literal(text)
+            if origin is dict:
+                if not isinstance(value, dict):
+                    raise ValueError
+                vtype = args[1] if args else Any
+                return {str(k): (v if vtype is Any else _parse(json.dumps(v), vtype, key)) for k, v in value.items()}
+            if isinstance(value, (str, int, float)):
+                value = [value]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            if origin is tuple:
+                if len(args) == 2 and args[1] is not Ellipsis and len(value) != 2:
+                    raise ValueError
+                return tuple(_parse(str(v), args[0], key) for v in value)
+            return [_parse(str(v), args[0], key) if args else v for v in value]
+    except (ValueError, SyntaxError, TypeError):
+        pass
+    raise CnnlabError(f"{key}: cannot read {text!r} as {getattr(kind, '__name__', kind)}")
+
+
+def _literal(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return [t.strip() for t in text.split(",") if t.strip()]  # 'stem,stages.0' -> list
+
+
+def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """Set ``section.key=value`` fields in place, checking keys and types."""
+    keys = config_keys(config)
+    for item in overrides:
+        if "=" not in item:
+            raise CnnlabError(f"override {item!r} must look like key=value (e.g. optim.lr=0.1)")
+        key, text = (s.strip() for s in item.split("=", 1))
+        if key not in keys:
+            # a bare 'lr' probably means 'optim.lr'
+            matches = [k for k in keys if k.endswith("." + key)]
+            hint = f"; did you mean {', '.join(matches)}?" if matches else did_you_mean(key, keys)
+            raise CnnlabError(f"unknown config key {key!r}{hint}")
+        *path, last = key.split(".")
+        target = config
+        for part in path:
+            target = getattr(target, part)
+        hints = typing.get_type_hints(type(target))
+        setattr(target, last, _parse(text, hints[last], key))
+    validate(config)
+    return config
+
+
+CHOICES = {
+    "optim.optimizer": ("sgd", "adam", "adamw"),
+    "optim.schedule": ("constant", "step", "cosine", "onecycle"),
+    "data.normalize": ("standard", "pca", "zca", "none"),
+    "amp": ("auto", "bf16", "none"),
+    "monitor": ("val_loss", "val_acc"),
+}
+
+
+def validate(config: TrainConfig) -> None:
+    """Reject values no run can use, naming the field and what it accepts."""
+    for key, choices in CHOICES.items():
+        target: Any = config
+        for part in key.split("."):
+            target = getattr(target, part)
+        if target not in choices:
+            raise CnnlabError(f"{key}={target!r} is not one of {', '.join(choices)}{did_you_mean(str(target), choices)}")
+    positive = {"epochs": config.epochs, "data.batch_size": config.data.batch_size,
+                "data.eval_batch_size": config.data.eval_batch_size, "optim.lr": config.optim.lr}
+    for key, value in positive.items():
+        if value <= 0:
+            raise CnnlabError(f"{key} must be positive, got {value}")
+    if not 0 <= config.data.val_fraction < 1:
+        raise CnnlabError(f"data.val_fraction must be in [0, 1), got {config.data.val_fraction}")
+    if config.patience and config.data.val_fraction == 0:
+        raise CnnlabError("early stopping (patience > 0) needs a validation split: set data.val_fraction, e.g. 0.1")

@@ -1,0 +1,53 @@
+"""Reading a finished (or interrupted) run folder back: its model, classes and preprocessing."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from cnnlab._errors import CnnlabError
+from cnnlab.engine.checkpoint import load_checkpoint
+from cnnlab.engine.config import TrainConfig
+
+
+@dataclass
+class LoadedRun:
+    """A run's model with its trained weights, and what is needed to feed it.
+
+    Args:
+        model: eval mode, on the CPU; config: the run's TrainConfig; classes: label names;
+        input_shape: (C, H, W) it was trained on; preprocess: the fitted normalisation state; tag: best or last.
+    """
+
+    model: nn.Module
+    config: TrainConfig
+    classes: list[str]
+    input_shape: tuple[int, int, int]
+    preprocess: dict[str, Any]
+    tag: str
+    epoch: int
+
+
+def load_run(run_dir: str | os.PathLike, tag: str | None = None) -> LoadedRun:
+    """Rebuild the model of ``run_dir`` from its ``best`` checkpoint (else ``last``, or ``tag``)."""
+    from cnnlab.models import create_model
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CnnlabError(f"run folder {run_dir} does not exist")
+    if tag is None:
+        tag = "best" if (run_dir / "best.json").exists() else "last"
+    ckpt = load_checkpoint(run_dir, tag)
+    meta = ckpt.meta
+    config = TrainConfig.from_dict(meta["config"])
+    input_shape = tuple(meta["input_shape"])
+    options = {k: v for k, v in config.model.options.items() if k != "in_channels"}
+    model = create_model(meta["model"], num_classes=meta["num_classes"], in_channels=input_shape[0], **options)
+    try:
+        model.load_state_dict(ckpt.weights)
+    except RuntimeError as e:
+        raise CnnlabError(f"{run_dir}/{tag}.safetensors does not fit {meta['model']}: {str(e).splitlines()[0]}") from None
+    return LoadedRun(model.eval(), config, list(meta["classes"]), input_shape, meta["preprocess"], tag, meta["epoch"])

@@ -1,0 +1,161 @@
+"""The training loop on a tiny synthetic dataset: learning, run folder, exact resume, faults."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cnnlab._errors import CnnlabError
+from cnnlab.engine import load_checkpoint, train
+from cnnlab.engine.trainer import TrainingDiverged
+from tests.engine._tiny import register_tiny, tiny_config
+
+
+@pytest.fixture(autouse=True)
+def _tiny(monkeypatch):
+    register_tiny(monkeypatch)
+
+
+def test_run_learns_and_fills_the_run_folder(tmp_path):
+    config = tiny_config(tmp_path, epochs=3, label_smoothing=0.1, ema_decay=0.9)
+    config.plots = True
+    config.data.val_fraction = 0.25
+    config.monitor = "val_acc"
+    result = train(config)
+    run = tmp_path / "run"
+    assert result.test.accuracy > 0.6 and result.test.count == 30  # chance is 1/3
+    for name in ("config.json", "metrics.csv", "results.json", "best.safetensors", "last.safetensors", "last.json",
+                 "last.state.safetensors", "curves.png", "confusion_matrix.png"):
+        assert (run / name).is_file(), name
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"] and all(r["val_acc"] for r in rows)
+    assert json.loads((run / "config.json").read_text())["optim"]["ema_decay"] == 0.9
+    assert int(result.test.confusion.sum()) == 30
+    with pytest.raises(CnnlabError, match="already holds a run"):
+        train(config)
+
+
+@pytest.mark.parametrize("aug", ["data.mixup=0.2", "data.cutmix=1.0"])
+def test_label_mixing_trains(tmp_path, aug):
+    from cnnlab.engine import apply_overrides
+
+    config = apply_overrides(tiny_config(tmp_path, epochs=1), [aug, "data.cutout=4", "data.rotate=10", "optim.l2=1e-4"])
+    result = train(config)
+    assert 0 <= result.history[0]["train_acc"] <= 1 and result.test.count == 30
+
+
+def test_early_stopping_on_a_flat_validation_metric(tmp_path):
+    config = tiny_config(tmp_path, epochs=6)
+    config.model.name = "simple_cnn"  # no batch norm: with a negligible lr nothing changes, val_acc stays flat
+    config.optim.lr = 1e-30
+    config.data.val_fraction = 0.25
+    config.monitor, config.patience = "val_acc", 1
+    result = train(config)
+    assert result.stopped_early and len(result.history) == 2 and result.best_epoch == 1
+
+
+def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_two(row):
+        if row["epoch"] == 2:
+            raise Interrupted
+
+    train(tiny_config(tmp_path, "straight", epochs=4))
+    with pytest.raises(Interrupted):  # the same 4-epoch run, interrupted after its second checkpoint
+        train(tiny_config(tmp_path, "split", epochs=4), callbacks=[stop_after_two])
+    resumed = train(tiny_config(tmp_path, "split", epochs=4), resume=True)
+    assert len(resumed.history) == 4
+    a, b = load_file(tmp_path / "straight" / "last.safetensors"), load_file(tmp_path / "split" / "last.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bitwise on the CPU
+    rows = list(csv.DictReader(open(tmp_path / "split" / "metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"]
+
+
+def test_corrupt_checkpoint_is_a_clear_error_and_nothing_is_overwritten(tmp_path):
+    train(tiny_config(tmp_path, epochs=1))
+    weights = tmp_path / "run" / "last.safetensors"
+    weights.write_bytes(weights.read_bytes()[: len(weights.read_bytes()) // 2])
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    with pytest.raises(CnnlabError, match="last.safetensors is corrupt or truncated"):
+        train(tiny_config(tmp_path, epochs=2), resume=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+
+
+def test_torn_checkpoint_set_is_detected(tmp_path):
+    train(tiny_config(tmp_path, epochs=1))
+    meta = json.loads((tmp_path / "run" / "last.json").read_text())
+    meta["token"] = "0" * 32
+    (tmp_path / "run" / "last.json").write_text(json.dumps(meta))
+    with pytest.raises(CnnlabError, match="inconsistent"):
+        load_checkpoint(tmp_path / "run")
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    # epoch 1 at a sane lr, then x1e30 (step schedule): the loss blows up in epoch 2
+    config = tiny_config(tmp_path, epochs=3, schedule="step", step_epochs=1, gamma=1e30, weight_decay=0.0)
+    with pytest.raises(TrainingDiverged, match="training stopped.*last good checkpoint"):
+        train(config)
+    ckpt = load_checkpoint(tmp_path / "run")
+    assert ckpt.meta["epoch"] == 1 and all(torch.isfinite(v.float()).all() for v in ckpt.weights.values())
+
+
+def test_input_the_model_cannot_take(tmp_path):
+    config = tiny_config(tmp_path)
+    config.model.name = "lenet5"  # needs 32x32 input, tiny is 12x12
+    with pytest.raises(CnnlabError, match=r"shape \(1, 12, 12\).*lenet5 cannot take"):
+        train(config)
+
+
+def test_transfer_learning_from_a_weights_file(tmp_path):
+    first = train(tiny_config(tmp_path, "first", epochs=1))
+    config = tiny_config(tmp_path, "second", epochs=1)
+    config.model.weights = str(first.run_dir / "last.safetensors")
+    config.model.freeze = ["stages.0"]
+    config.model.lr_mult = {"fc": 10.0}
+    second = train(config)
+    w1, w2 = load_file(first.run_dir / "last.safetensors"), load_file(second.run_dir / "last.safetensors")
+    assert torch.equal(w1["stages.0.0.conv.weight"], w2["stages.0.0.conv.weight"])  # frozen
+    assert not torch.equal(w1["fc.weight"], w2["fc.weight"])
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {root!r})
+    from tests.engine._tiny import make_tiny, tiny_config
+    from cnnlab.data import datasets as D
+    from cnnlab.engine import train
+    import pathlib
+    D.DATASETS["tiny"] = lambda root=None, download=False: make_tiny(n_train=960)
+    config = tiny_config(pathlib.Path({out!r}), epochs={epochs})
+    config.data.batch_size = 16
+    train(config, resume={resume})
+""")
+
+
+def test_sigkill_mid_epoch_then_resume_loses_at_most_that_epoch(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    script = KILL_SCRIPT.format(root=root, out=str(tmp_path), epochs=3, resume=False)
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 120
+    while not (tmp_path / "run" / "last.json").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.1)  # now inside epoch 2 (an epoch is 60 steps)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL  # killed, not finished
+    done = load_checkpoint(tmp_path / "run").meta["epoch"]  # a complete, consistent checkpoint survived the kill
+    assert done >= 1
+    subprocess.run([sys.executable, "-c", KILL_SCRIPT.format(root=root, out=str(tmp_path), epochs=3, resume=True)],
+                   check=True, timeout=300)
+    final = load_checkpoint(tmp_path / "run")
+    assert final.meta["epoch"] == 3 and [r["epoch"] for r in final.meta["history"]] == [1, 2, 3]
