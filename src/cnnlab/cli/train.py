@@ -64,9 +64,12 @@ def config_from_args(args: argparse.Namespace):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from cnnlab.engine import train
+    from cnnlab.engine.distributed import is_main_process
 
     config = config_from_args(args)
     result = train(config, resume=bool(args.resume))
+    if not is_main_process():  # under torchrun, rank 0 reports
+        return 0
     test = result.test
     top = "".join(f", top-{k} {v:.4f}" for k, v in test.topk.items())
     print(f"test accuracy {test.accuracy:.4f}{top} on {test.count} images "

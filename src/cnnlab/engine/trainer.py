@@ -20,6 +20,7 @@ from cnnlab.engine import report
 from cnnlab.engine.checkpoint import load_checkpoint, save_checkpoint
 from cnnlab.engine.config import TrainConfig, validate
 from cnnlab.engine.data_setup import DataBundle, build_data
+from cnnlab.engine.distributed import setup_distributed
 from cnnlab.engine.evaluate import EvalResult, autocast, evaluate
 from cnnlab.engine.optim import build_optimizer, freeze, lr_factor, penalty, set_lr
 
@@ -135,7 +136,9 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks: Sequence[Epoc
 
 def _train(config: TrainConfig, resume: bool, callbacks: Sequence[EpochCallback], data: DataBundle | None) -> RunResult:
     wall0, cpu0 = time.perf_counter(), time.process_time()
-    run_dir = run_folder(config)
+    env = setup_distributed(resolve_device(config.device))  # a no-op unless started by torchrun
+    run_dir = env.broadcast(run_folder(config))  # rank 0's name (it holds the date) on every rank
+    config.quiet = config.quiet or not env.is_main  # one process prints
     if not config.name:
         config.name = run_dir.name
     if not resume and (run_dir / "last.json").exists():
@@ -144,13 +147,14 @@ def _train(config: TrainConfig, resume: bool, callbacks: Sequence[EpochCallback]
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    device = resolve_device(config.device)
+    device = env.device
     amp = use_amp(config.amp, device)
     channels_last = config.model.channels_last
 
     if data is None:
         data = build_data(config.data, device, seed=config.seed, channels_last=channels_last,
                           in_channels=_model_channels(config))
+    data = env.shard(data)  # each rank sees its part of every global batch
     model = build_model(config, data.num_classes, data.input_shape, None if ckpt else config.model.weights)
     if config.model.freeze:
         freeze(model, config.model.freeze)
@@ -168,37 +172,43 @@ def _train(config: TrainConfig, resume: bool, callbacks: Sequence[EpochCallback]
             ema.load(ckpt.ema)
         history = ckpt.meta.get("history", [])
         state.update({k: ckpt.meta[k] for k in state if k in ckpt.meta})
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(config.to_json())
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(config.to_json())
     _log(config, f"run {run_dir}  ({'resumed at epoch ' + str(state['epoch']) if ckpt else 'new'})\nconfig:\n{config.describe()}")
     _log(config, f"device {device}{' (bf16 autocast)' if amp else ''}, {sum(p.numel() for p in model.parameters()):,} "
                  f"parameters, {len(data.train)} steps per epoch, classes: {len(data.classes)}")
 
-    net = torch.compile(model) if config.model.compile else model
+    net = env.wrap(model)  # DistributedDataParallel under torchrun, else the model itself
+    net = torch.compile(net) if config.model.compile else net
     steps_per_epoch = len(data.train)
     total_steps = steps_per_epoch * config.epochs
     meta_base = {"model": config.model.name, "num_classes": data.num_classes, "input_shape": list(data.input_shape),
                  "classes": data.classes, "preprocess": data.preprocess_state, "config": config.to_dict()}
     stopped_early = False
     for epoch in range(state["epoch"], config.epochs):
-        torch.manual_seed(config.seed * 7919 + epoch)  # dropout & co. depend on the epoch only: exact resumes
+        # dropout & co. depend on the epoch (and rank) only: exact resumes
+        torch.manual_seed(config.seed * 7919 + epoch + 1_000_003 * env.rank)
         if hasattr(data.train, "set_epoch"):
             data.train.set_epoch(epoch)
         row = _train_epoch(net, model, data, optimizer, ema, config, state, epoch, steps_per_epoch, total_steps,
                            device, amp, run_dir)
         eval_model = ema.module if ema is not None else model
+        env.sync_buffers(model, eval_model)  # rank 0's BatchNorm statistics everywhere
         if data.val is not None:
             val = evaluate(eval_model, data.val, data.num_classes, amp=amp, tta_flip=config.tta_flip)
             row.update(val_loss=val.loss, val_acc=val.accuracy)
+        row = env.reduce_row(row)  # one row on every rank: the same early-stopping decision
         history.append(row)
         state["epoch"] = epoch + 1
         improved = _update_best(config, state, row)
         meta = dict(meta_base, **state, history=history)
         ema_state = ema.state() if ema is not None else None
-        if improved:
+        if improved and env.is_main:
             save_checkpoint(run_dir, "best", eval_model, meta, None, None)
-        save_checkpoint(run_dir, "last", model, meta, optimizer, ema_state)
-        report.write_metrics(run_dir / "metrics.csv", history)
+        if env.is_main:
+            save_checkpoint(run_dir, "last", model, meta, optimizer, ema_state)
+            report.write_metrics(run_dir / "metrics.csv", history)
         _log(config, _epoch_line(row, config.epochs))
         for callback in callbacks:
             callback(row)
@@ -208,13 +218,15 @@ def _train(config: TrainConfig, resume: bool, callbacks: Sequence[EpochCallback]
             stopped_early = True
             break
 
+    env.barrier()  # rank 0 has written the checkpoint every rank reads next
     final = ema.module if ema is not None else model
     if data.val is not None and (run_dir / "best.safetensors").exists():
         final.load_state_dict(load_checkpoint(run_dir, "best").weights)  # report the model chosen on validation
     test = evaluate(final, data.test, data.num_classes, amp=amp, tta_flip=config.tta_flip)
     result = RunResult(run_dir, config, history, test, final.eval(), data.classes, state["best_epoch"] or state["epoch"],
                        stopped_early, time.perf_counter() - wall0, time.process_time() - cpu0)
-    _write_results(result, data)
+    if env.is_main:
+        _write_results(result, data)
     return result
 
 

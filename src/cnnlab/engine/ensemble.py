@@ -1,0 +1,263 @@
+"""Model ensembles: average the class probabilities of trained runs; bagging with bootstrap samples.
+
+    >>> from cnnlab.engine.ensemble import evaluate_ensemble, train_bagged
+    >>> result = evaluate_ensemble(["runs/a", "runs/b", "runs/c"])      # doctest: +SKIP
+    >>> result.member_accuracy, result.accuracy                          # doctest: +SKIP
+    >>> bag = train_bagged(config, 5)   # 5 members, each on its own bootstrap sample  # doctest: +SKIP
+
+Averaging the softmax outputs of independently trained networks lowers the variance of the
+prediction; the members' errors are partly independent, so the average is usually more
+accurate than the mean member (Hansen & Salamon 1990; the notes' "model ensembles"). Bagging
+(Breiman 1996) makes the members differ also through their data: member ``i`` trains on ``n``
+images drawn with replacement from the ``n`` training images (about 63% distinct ones).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnlab._errors import CnnlabError
+from cnnlab.engine.checkpoint import load_checkpoint
+from cnnlab.engine.config import TrainConfig
+from cnnlab.engine.data_setup import build_data
+from cnnlab.engine.distributed import is_main_process
+from cnnlab.engine.trainer import RunResult, build_model, resolve_device, train
+
+
+@dataclass
+class Member:
+    """One trained run, loaded for prediction.
+
+    Args:
+        run_dir: the run folder; config: its config.json; model: in eval mode on the chosen device.
+        checkpoint: which weights were loaded (``best``, ``last`` or ``last+ema``), chosen as the
+            trainer chooses the model it tests.
+        input_channels: the channel count the model was trained on.
+    """
+
+    run_dir: Path
+    config: TrainConfig
+    model: nn.Module = field(repr=False)
+    checkpoint: str
+    input_channels: int
+
+
+@dataclass
+class EnsembleResult:
+    """Test-split metrics of each member and of the probability average.
+
+    Args:
+        names: member run folders; member_accuracy, member_nll: their top-1 accuracy and mean
+            negative log-likelihood; accuracy, nll: the ensemble's; count: test images.
+        probabilities: (N, K) averaged probabilities; labels: (N,) true classes.
+    """
+
+    names: list[str]
+    member_accuracy: list[float]
+    member_nll: list[float]
+    accuracy: float
+    nll: float
+    count: int
+    probabilities: torch.Tensor = field(repr=False)
+    labels: torch.Tensor = field(repr=False)
+
+    @property
+    def mean_member_accuracy(self) -> float:
+        return sum(self.member_accuracy) / len(self.member_accuracy)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"members": [{"run": n, "test_accuracy": a, "test_nll": l}
+                            for n, a, l in zip(self.names, self.member_accuracy, self.member_nll)],
+                "ensemble": {"test_accuracy": self.accuracy, "test_nll": self.nll, "members": len(self.names)},
+                "mean_member_accuracy": self.mean_member_accuracy, "test_images": self.count}
+
+
+def load_member(run_dir: str | os.PathLike, device: torch.device | str = "cpu") -> Member:
+    """The model a run reported: ``best`` when it had a validation split, else ``last`` (its EMA weights if any)."""
+    run_dir = Path(run_dir)
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise CnnlabError(f"{run_dir} is not a run folder (no config.json); pass folders written by cnnlab train")
+    try:
+        config = TrainConfig.from_dict(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise CnnlabError(f"{path} is not valid JSON ({e})") from None
+    use_best = config.data.val_fraction > 0 and (run_dir / "best.json").is_file()
+    ckpt = load_checkpoint(run_dir, "best" if use_best else "last")
+    weights, tag = ckpt.weights, "best" if use_best else "last"
+    if not use_best and ckpt.ema is not None:  # the trainer tests the EMA weights when it keeps them
+        weights = {k[len("module."):]: v for k, v in ckpt.ema.items() if k.startswith("module.")}
+        tag = "last+ema"
+    meta = ckpt.meta
+    shape = tuple(meta["input_shape"])
+    model = build_model(config, int(meta["num_classes"]), shape, None)  # type: ignore[arg-type]
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise CnnlabError(f"{run_dir} ({tag}): its weights do not fit {config.model.name}: {str(e).splitlines()[0]}") from None
+    device = torch.device(device) if isinstance(device, str) else device
+    return Member(run_dir, config, model.to(device).eval(), tag, int(shape[0]))
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, batches, tta_flip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax probabilities (N, K), labels (N,)) over ``batches``, on the CPU, in loader order."""
+    was_training = model.training
+    model.eval()
+    probs, labels = [], []
+    try:
+        for x, y in batches:
+            logits = model(x).float()
+            if tta_flip:
+                logits = (logits + model(x.flip(3)).float()) / 2  # as the trainer evaluates with tta_flip
+            probs.append(logits.softmax(1).cpu())
+            labels.append((y.argmax(1) if y.ndim == 2 else y).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(probs), torch.cat(labels)
+
+
+def _test_batches(member: Member, device: torch.device, cache: dict[str, Any]):
+    """The member's test split, preprocessed as in its run (rebuilt from its data config, shared when equal)."""
+    data = member.config.data
+    key = json.dumps([vars(data), member.config.seed, member.input_channels], sort_keys=True, default=str)
+    if key not in cache:
+        cache[key] = build_data(data, device, seed=member.config.seed, in_channels=member.input_channels).test
+    return cache[key]
+
+
+def evaluate_ensemble(members: Sequence[str | os.PathLike | Member], *, device: str = "auto",
+                      weights: Sequence[float] | None = None) -> EnsembleResult:
+    """Each member's and the averaged prediction's accuracy on the test split.
+
+    Args:
+        members: run folders (or loaded members), at least one; all must be tested on the same images.
+        device: where to run the models (``auto``: CUDA when present).
+        weights: one non-negative weight per member (default: equal); they are normalised to sum 1.
+    """
+    if not members:
+        raise CnnlabError("an ensemble needs at least one run folder")
+    dev = resolve_device(device)
+    loaded = [m if isinstance(m, Member) else load_member(m, dev) for m in members]
+    if weights is None:
+        weights = [1.0] * len(loaded)
+    if len(weights) != len(loaded) or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise CnnlabError(f"ensemble weights must be {len(loaded)} non-negative numbers with a positive sum, got {list(weights)}")
+    cache: dict[str, Any] = {}
+    total, labels, ref = None, None, None
+    accs, nlls = [], []
+    for member, w in zip(loaded, weights):
+        probs, y = predict_proba(member.model, _test_batches(member, dev, cache), member.config.tta_flip)
+        if labels is None:
+            labels, ref = y, member
+        elif not torch.equal(labels, y) or probs.shape[1] != total.shape[1]:
+            raise CnnlabError(f"{member.run_dir} was tested on other images or classes than {ref.run_dir} "
+                              f"(data {member.config.data.name!r} vs {ref.config.data.name!r}): "
+                              "ensemble members must share the test split")
+        accs.append((probs.argmax(1) == y).float().mean().item())
+        nlls.append(_nll(probs, y))
+        total = probs * (w / sum(weights)) if total is None else total + probs * (w / sum(weights))
+    assert total is not None and labels is not None
+    return EnsembleResult([str(m.run_dir) for m in loaded], accs, nlls, (total.argmax(1) == labels).float().mean().item(),
+                          _nll(total, labels), len(labels), total, labels)
+
+
+def _nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    return F.nll_loss(probs.clamp_min(1e-12).log(), labels).item()
+
+
+def bootstrap_indices(n: int, seed: int) -> torch.Tensor:
+    """``n`` indices drawn uniformly with replacement from ``range(n)`` (Breiman's bootstrap sample)."""
+    return torch.randint(0, n, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def _resample(batches: Any, seed: int) -> Any:
+    """Replace a training loader's samples by a bootstrap sample of them (tensor loaders and image folders)."""
+    if hasattr(batches, "images") and hasattr(batches, "labels"):  # TensorLoader
+        idx = bootstrap_indices(len(batches.images), seed).to(batches.images.device)
+        batches.images, batches.labels = batches.images[idx], batches.labels[idx]
+        return batches
+    dataset = getattr(getattr(batches, "loader", None), "dataset", None)
+    if dataset is not None and hasattr(dataset, "samples"):  # image folder: resample the file list
+        idx = bootstrap_indices(len(dataset.samples), seed).tolist()
+        dataset.samples = [dataset.samples[i] for i in idx]
+        return batches
+    raise CnnlabError(f"bagging cannot resample {type(batches).__name__} training batches")
+
+
+@contextlib.contextmanager
+def bootstrap_training_set(seed: int) -> Iterator[None]:
+    """Within this block, ``train()`` trains on a bootstrap sample of its training split.
+
+    The validation and test splits and the normalisation (fitted on the whole training split)
+    are left alone, so every member of a bag is tested on identical inputs. The trainer has no
+    data hook, so this swaps the ``build_data`` it calls for one that resamples, and restores it.
+    """
+    from cnnlab.engine import trainer
+
+    original = trainer.build_data
+
+    def build(*args: Any, **kwargs: Any):
+        data = original(*args, **kwargs)
+        data.train = _resample(data.train, seed)
+        return data
+
+    trainer.build_data = build
+    try:
+        yield
+    finally:
+        trainer.build_data = original
+
+
+@dataclass
+class BaggingResult:
+    """A bag of members and their ensemble.
+
+    Args:
+        bag_dir: folder holding ``member0``, ``member1``... and ``bagging.json``.
+        runs: each member's RunResult; ensemble: the averaged prediction's metrics.
+    """
+
+    bag_dir: Path
+    runs: list[RunResult]
+    ensemble: EnsembleResult
+
+
+def train_bagged(config: TrainConfig, n: int) -> BaggingResult:
+    """Train ``n`` members of ``config``, member ``i`` with seed ``config.seed + i`` on its own bootstrap sample.
+
+    The members go to ``config.out_dir/<name>/member<i>`` (name defaults to ``bag-<model>-<data>-<date>``);
+    ``bagging.json`` there records the seeds and the ensemble's test metrics.
+    """
+    if n < 1:
+        raise CnnlabError(f"--bootstrap needs at least 1 member, got {n}")
+    name = config.name or f"bag-{config.model.name}-{Path(config.data.name).name}-{datetime.now():%Y%m%d-%H%M%S}"
+    bag_dir = Path(config.out_dir) / name
+    if (bag_dir / "bagging.json").exists():
+        raise CnnlabError(f"{bag_dir} already holds a bag of members; choose another --name")
+    runs, seeds = [], []
+    for i in range(n):
+        member = copy.deepcopy(config)
+        member.seed, member.out_dir, member.name = config.seed + i, str(bag_dir), f"member{i}"
+        seed = 10_007 + member.seed  # the sample differs from member to member, and from the shuffling
+        seeds.append(seed)
+        if not config.quiet and is_main_process():
+            print(f"bagging: member {i + 1}/{n} on bootstrap sample {seed}", flush=True)
+        with bootstrap_training_set(seed):
+            runs.append(train(member))
+    result = evaluate_ensemble([r.run_dir for r in runs], device=config.device)
+    summary = {"members": [str(r.run_dir) for r in runs], "bootstrap_seeds": seeds, **result.to_dict()}
+    if is_main_process():  # under torchrun every rank trains the same members; rank 0 writes
+        (bag_dir / "bagging.json").write_text(json.dumps(summary, indent=2))
+    return BaggingResult(bag_dir, runs, result)

@@ -1,0 +1,123 @@
+"""Ensembles: probability averaging of trained runs, and bagging on bootstrap samples (sklearn digits, 1 epoch)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cnnlab._errors import CnnlabError
+from cnnlab.cli.main import main
+from cnnlab.engine import TrainConfig, apply_overrides, train
+from cnnlab.engine import trainer as trainer_module
+from cnnlab.engine.data_setup import build_data
+from cnnlab.engine.ensemble import (
+    bootstrap_indices, bootstrap_training_set, evaluate_ensemble, load_member, predict_proba, train_bagged,
+)
+
+
+def tiny_config(out_dir, name: str = "", seed: int = 0) -> TrainConfig:
+    config = TrainConfig()
+    return apply_overrides(config, [
+        "model.name=simple_cnn_bn", 'model.options={"hidden": [32]}', "data.name=digits", "data.batch_size=64",
+        "data.train_limit=512", "epochs=1", "device=cpu", "plots=false", "quiet=true", "optim.optimizer=adamw",
+        "optim.lr=0.003", f"out_dir={out_dir}", f"name={name}", f"seed={seed}"])
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    return [train(tiny_config(out, f"m{i}", seed=i)).run_dir for i in range(2)]
+
+
+def test_ensemble_averages_the_members_probabilities(two_runs):
+    result = evaluate_ensemble(two_runs, device="cpu")
+    # each member's accuracy is the one its run reported on the same test split
+    for run, acc in zip(two_runs, result.member_accuracy):
+        assert acc == pytest.approx(json.loads((run / "results.json").read_text())["test_accuracy"], abs=1e-6)
+    assert result.count == 360  # digits: every 5th of 1,797 images
+    # recompute the average independently, member by member
+    probs = []
+    for run in two_runs:
+        member = load_member(run)
+        data = build_data(member.config.data, torch.device("cpu"), seed=member.config.seed, in_channels=1)
+        p, labels = predict_proba(member.model, data.test)
+        probs.append(p)
+    mean = (probs[0] + probs[1]) / 2
+    torch.testing.assert_close(result.probabilities, mean)
+    torch.testing.assert_close(result.probabilities.sum(1), torch.ones(360))
+    assert result.accuracy == pytest.approx((mean.argmax(1) == labels).float().mean().item())
+    assert torch.equal(result.labels, labels)
+    assert result.nll == pytest.approx(-mean[torch.arange(360), labels].log().mean().item(), rel=1e-5)
+    assert result.nll <= sum(result.member_nll) / 2  # Jensen: -log of the mean <= mean of the -logs
+
+
+def test_weights_select_and_validate(two_runs):
+    only_first = evaluate_ensemble(two_runs, device="cpu", weights=[1.0, 0.0])
+    assert only_first.accuracy == pytest.approx(only_first.member_accuracy[0])
+    with pytest.raises(CnnlabError, match="2 non-negative numbers"):
+        evaluate_ensemble(two_runs, device="cpu", weights=[1.0])
+
+
+def test_members_must_share_the_test_split(two_runs, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(two_runs[1], other)
+    config = json.loads((other / "config.json").read_text())
+    folder = tmp_path / "images"  # a 2-class image folder: its test split is 2 other images
+    for i in range(10):
+        (folder / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 8), 25 * i, dtype=np.uint8)).save(folder / f"c{i % 2}" / f"{i}.png")
+    config["data"]["name"] = str(folder)
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CnnlabError, match="must share the test split"):
+        evaluate_ensemble([two_runs[0], other], device="cpu")
+
+
+def test_cli_ensemble_of_runs(two_runs, tmp_path, capsys):
+    out = tmp_path / "e.json"
+    assert main(["ensemble", *map(str, two_runs), "--device", "cpu", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "ensemble (probability average)" in text and "mean of 2 members" in text
+    saved = json.loads(out.read_text())
+    assert len(saved["members"]) == 2 and 0 <= saved["ensemble"]["test_accuracy"] <= 1
+    assert main(["ensemble", str(tmp_path / "nothing")]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+    assert main(["ensemble"]) == 2
+
+
+def test_bootstrap_sample_resamples_only_the_training_split():
+    idx = bootstrap_indices(10_000, seed=3)
+    assert torch.equal(idx, bootstrap_indices(10_000, seed=3)) and not torch.equal(idx, bootstrap_indices(10_000, seed=4))
+    assert 0.62 < len(idx.unique()) / 10_000 < 0.645  # 1 - 1/e = 0.632 distinct images
+    config = tiny_config("unused").data
+    config.val_fraction = 0.2
+    plain = trainer_module.build_data(config, torch.device("cpu"))
+    original = trainer_module.build_data
+    with bootstrap_training_set(seed=5):
+        assert trainer_module.build_data is not original
+        boot = trainer_module.build_data(config, torch.device("cpu"))
+    assert trainer_module.build_data is original  # restored on exit
+    n = len(plain.train.images)
+    assert len(boot.train.images) == n and len(boot.train.images.flatten(1).unique(dim=0)) < 0.75 * n
+    want = bootstrap_indices(n, 5)
+    assert torch.equal(boot.train.labels, plain.train.labels[want])
+    assert torch.equal(boot.val.images, plain.val.images) and torch.equal(boot.test.images, plain.test.images)
+    assert boot.preprocess.mean == plain.preprocess.mean  # normalisation fitted on the whole training split
+
+
+def test_train_bagged(tmp_path, capsys):
+    bag = train_bagged(tiny_config(tmp_path, "bag"), 2)
+    assert [r.run_dir.name for r in bag.runs] == ["member0", "member1"]
+    assert [r.config.seed for r in bag.runs] == [0, 1]
+    summary = json.loads((bag.bag_dir / "bagging.json").read_text())
+    assert summary["bootstrap_seeds"] == [10_007, 10_008] and summary["test_images"] == 360
+    assert summary["ensemble"]["test_accuracy"] == pytest.approx(bag.ensemble.accuracy)
+    for run, acc in zip(bag.runs, bag.ensemble.member_accuracy):
+        assert acc == pytest.approx(run.test.accuracy, abs=1e-6)
+    with pytest.raises(CnnlabError, match="already holds a bag"):
+        train_bagged(tiny_config(tmp_path, "bag"), 2)
+    with pytest.raises(CnnlabError, match="at least 1 member"):
+        train_bagged(tiny_config(tmp_path, "bag2"), 0)
