@@ -15,7 +15,7 @@ from cnnlab.engine import TrainConfig, apply_overrides, train
 from cnnlab.engine import trainer as trainer_module
 from cnnlab.engine.data_setup import build_data
 from cnnlab.engine.ensemble import (
-    bootstrap_indices, bootstrap_training_set, evaluate_ensemble, load_member, predict_proba, train_bagged,
+    bootstrap_data, bootstrap_indices, evaluate_ensemble, load_member, predict_proba, train_bagged,
 )
 
 
@@ -92,14 +92,10 @@ def test_bootstrap_sample_resamples_only_the_training_split():
     idx = bootstrap_indices(10_000, seed=3)
     assert torch.equal(idx, bootstrap_indices(10_000, seed=3)) and not torch.equal(idx, bootstrap_indices(10_000, seed=4))
     assert 0.62 < len(idx.unique()) / 10_000 < 0.645  # 1 - 1/e = 0.632 distinct images
-    config = tiny_config("unused").data
-    config.val_fraction = 0.2
-    plain = trainer_module.build_data(config, torch.device("cpu"))
-    original = trainer_module.build_data
-    with bootstrap_training_set(seed=5):
-        assert trainer_module.build_data is not original
-        boot = trainer_module.build_data(config, torch.device("cpu"))
-    assert trainer_module.build_data is original  # restored on exit
+    config = tiny_config("unused")
+    config.data.val_fraction = 0.2
+    plain = trainer_module.build_data(config.data, torch.device("cpu"))
+    boot = bootstrap_data(config, seed=5)
     n = len(plain.train.images)
     assert len(boot.train.images) == n and len(boot.train.images.flatten(1).unique(dim=0)) < 0.75 * n
     want = bootstrap_indices(n, 5)

@@ -13,11 +13,10 @@ images drawn with replacement from the ``n`` training images (about 63% distinct
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -30,9 +29,9 @@ from torch import nn
 from cnnlab._errors import CnnlabError
 from cnnlab.engine.checkpoint import load_checkpoint
 from cnnlab.engine.config import TrainConfig
-from cnnlab.engine.data_setup import build_data
+from cnnlab.engine.data_setup import DataBundle, build_data
 from cnnlab.engine.distributed import is_main_process
-from cnnlab.engine.trainer import RunResult, build_model, resolve_device, train
+from cnnlab.engine.trainer import RunResult, build_model, model_channels, resolve_device, train
 
 
 @dataclass
@@ -196,28 +195,16 @@ def _resample(batches: Any, seed: int) -> Any:
     raise CnnlabError(f"bagging cannot resample {type(batches).__name__} training batches")
 
 
-@contextlib.contextmanager
-def bootstrap_training_set(seed: int) -> Iterator[None]:
-    """Within this block, ``train()`` trains on a bootstrap sample of its training split.
+def bootstrap_data(config: TrainConfig, seed: int) -> DataBundle:
+    """The data ``train(config)`` would build, with the training split replaced by a bootstrap sample.
 
     The validation and test splits and the normalisation (fitted on the whole training split)
-    are left alone, so every member of a bag is tested on identical inputs. The trainer has no
-    data hook, so this swaps the ``build_data`` it calls for one that resamples, and restores it.
+    are left alone, so every member of a bag is tested on identical inputs.
     """
-    from cnnlab.engine import trainer
-
-    original = trainer.build_data
-
-    def build(*args: Any, **kwargs: Any):
-        data = original(*args, **kwargs)
-        data.train = _resample(data.train, seed)
-        return data
-
-    trainer.build_data = build
-    try:
-        yield
-    finally:
-        trainer.build_data = original
+    data = build_data(config.data, resolve_device(config.device), seed=config.seed,
+                      channels_last=config.model.channels_last, in_channels=model_channels(config))
+    data.train = _resample(data.train, seed)
+    return data
 
 
 @dataclass
@@ -254,8 +241,7 @@ def train_bagged(config: TrainConfig, n: int) -> BaggingResult:
         seeds.append(seed)
         if not config.quiet and is_main_process():
             print(f"bagging: member {i + 1}/{n} on bootstrap sample {seed}", flush=True)
-        with bootstrap_training_set(seed):
-            runs.append(train(member))
+        runs.append(train(member, data=bootstrap_data(member, seed)))
     result = evaluate_ensemble([r.run_dir for r in runs], device=config.device)
     summary = {"members": [str(r.run_dir) for r in runs], "bootstrap_seeds": seeds, **result.to_dict()}
     if is_main_process():  # under torchrun every rank trains the same members; rank 0 writes

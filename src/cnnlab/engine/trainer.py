@@ -153,7 +153,7 @@ def _train(config: TrainConfig, resume: bool, callbacks: Sequence[EpochCallback]
 
     if data is None:
         data = build_data(config.data, device, seed=config.seed, channels_last=channels_last,
-                          in_channels=_model_channels(config))
+                          in_channels=model_channels(config))
     data = env.shard(data)  # each rank sees its part of every global batch
     model = build_model(config, data.num_classes, data.input_shape, None if ckpt else config.model.weights)
     if config.model.freeze:
@@ -230,7 +230,7 @@ def _train(config: TrainConfig, resume: bool, callbacks: Sequence[EpochCallback]
     return result
 
 
-def _model_channels(config: TrainConfig) -> int | None:
+def model_channels(config: TrainConfig) -> int | None:
     from cnnlab.models import model_info
 
     return model_info(config.model.name).default_input[0] if "in_channels" not in config.model.options else config.model.options["in_channels"]
