@@ -5,12 +5,8 @@ Run: ``.venv/bin/python benchmarks/bench_summary.py``. Timings on a shared machi
 the script reports the first call (includes building the model and warming PyTorch's meta
 kernels) and the median of later calls.
 
-Recorded 2026-11-23 on the shared 2-core dev machine, CPU only, other helpers' tests running
-(load average ~4, so numbers are inflated and noisy):
-    summary('resnet152') at 3x224x224: first call 2.16 s, then median 0.57 s (min 0.33 s)
-      without the training-memory pass: median 0.47 s
-    compare over 10 models at their default inputs: 1.69 s
-      with --bench (builds each model, 1 warm-up + 3 timed CPU forwards): 52.02 s
+Recorded results: benchmarks/RESULTS.md (2026-11-23, quiet 2-core machine: resnet152 summary
+0.25 s median, compare over 10 models 0.98 s, with --bench 6.8 s).
 """
 from __future__ import annotations
 
