@@ -66,7 +66,12 @@ def test_interface(name):
         model.reset_classifier(3)
         assert model(x).shape == (2, 3) and model.num_classes == 3
         model.reset_classifier(0)
-        assert model(x).shape == pre.shape
+        assert model(x).shape == pre.shape and pre.shape[1] == model.num_features
+        # a model built without a head gets one back
+        headless = cnnlab.create_model(name, num_classes=0).eval()
+        assert headless(x).shape == pre.shape
+        headless.reset_classifier(4)
+        assert headless(x).shape == (2, 4) and headless.num_classes == 4
 
 
 @pytest.mark.parametrize("name", CLASSIFIERS)

@@ -167,7 +167,7 @@ class AlexNet(Classifier):
                 self.feature_info.append(FeatureInfo(f"features.{i}", channels, stride))
         self.features = nn.Sequential(*blocks)
         self.head = FCHead(channels, num_classes, pool_size=6, drop_rate=drop_rate, act_layer=act_layer)
-        self._head_in_features = self.head.fc7.out_features  # lets reset_classifier re-add a removed fc
+        self.num_features = self.head.fc7.out_features
         self.min_input_size = _min_input_size(layers, ceil_mode)
         init_weights(self, init)
 

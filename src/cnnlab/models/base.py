@@ -26,7 +26,7 @@ class Classifier(nn.Module):
     """Base class of every classifier: ``forward = forward_head(forward_features(x))``.
 
     Subclasses set ``self.num_classes``, ``self.in_channels``, ``self.feature_info``
-    (one FeatureInfo per stage, in order) and implement ``forward_features`` and
+    (one FeatureInfo per stage, in order), ``self.num_features`` (the pre-logit width) and implement ``forward_features`` and
     ``forward_head``. ``head_name`` names the final classifier layer (a Linear or a 1x1
     Conv2d) so ``reset_classifier`` works without per-family code; ``min_input_size``
     is the smallest input height/width the network accepts.
@@ -41,6 +41,7 @@ class Classifier(nn.Module):
         self.num_classes = 0
         self.in_channels = 3
         self.feature_info: list[FeatureInfo] = []
+        self.num_features = 0  # width of forward_head(x, pre_logits=True): what the classifier sees
 
     # -- the interface -------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,12 +71,10 @@ class Classifier(nn.Module):
             new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
         elif isinstance(old, nn.Conv2d):
             new = nn.Conv2d(old.in_channels, num_classes, old.kernel_size, bias=old.bias is not None)
-        elif isinstance(old, nn.Identity) and self._head_in_features:
-            new = nn.Linear(self._head_in_features, num_classes)
+        elif isinstance(old, nn.Identity) and self.num_features:
+            new = nn.Linear(self.num_features, num_classes)
         else:
             raise CnnlabError(f"{self.model_name}: cannot reset a classifier of type {type(old).__name__}")
-        if not isinstance(old, nn.Identity):
-            self._head_in_features = old.in_features if isinstance(old, nn.Linear) else getattr(old, "in_channels", 0)
         first = next(old.parameters(), None)
         if first is not None:
             new = new.to(device=first.device, dtype=first.dtype)
@@ -83,8 +82,6 @@ class Classifier(nn.Module):
         parent = self.get_submodule(parent_name) if parent_name else self
         setattr(parent, child, new)
         self.num_classes = max(num_classes, 0)
-
-    _head_in_features = 0  # no annotation: TorchScript cannot read the string 'int' that PEP 563 leaves
 
     def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The feature map of every stage listed in ``feature_info``, in order."""

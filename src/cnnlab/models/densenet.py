@@ -112,7 +112,6 @@ class DenseNet(Classifier):
         self.num_features = channels
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes) if num_classes > 0 else nn.Identity()
-        self._head_in_features = channels
         init_weights(self, init)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -200,7 +200,7 @@ class GoogLeNet(Classifier):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(drop_rate)
         self.fc: nn.Module = nn.Linear(channels, num_classes) if num_classes > 0 else nn.Identity()
-        self._head_in_features = channels  # lets reset_classifier re-add a removed fc
+        self.num_features = channels
         init_weights(self, init)
 
     def _transform(self, x: torch.Tensor) -> torch.Tensor:

@@ -93,7 +93,7 @@ class LeNet(Classifier):
         self.fc6 = nn.Linear(channels, hidden)
         self.act = act_layer()
         self.fc: nn.Module = nn.Linear(hidden, num_classes) if num_classes > 0 else nn.Identity()
-        self._head_in_features = hidden  # lets reset_classifier re-add a removed fc
+        self.num_features = hidden
         init_weights(self, init)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -63,7 +63,7 @@ class _MobileClassifier(Classifier):
 
     def _build_head(self, features: int, num_classes: int, drop_rate: float) -> None:
         self.num_classes = num_classes
-        self._head_in_features = features
+        self.num_features = features
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(features, num_classes) if num_classes > 0 else nn.Identity()
 

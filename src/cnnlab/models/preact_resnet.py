@@ -127,8 +127,6 @@ class PreActResNet(Classifier):
         self.global_pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(drop_rate)
         self.fc = nn.Linear(channels, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes <= 0:  # lets reset_classifier build a head later (set only here: it breaks TorchScript)
-            self._head_in_features = channels
         init_weights(self, init)
         if zero_init_residual:
             zero_init_last_norm(self)

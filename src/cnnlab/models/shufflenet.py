@@ -89,7 +89,7 @@ class _ShuffleNetBase(Classifier):
     def _build_head(self, channels: int, num_classes: int, drop_rate: float) -> None:
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(channels, num_classes) if num_classes > 0 else nn.Identity()
-        self._head_in_features = self.num_features = channels
+        self.num_features = channels
 
 
 class ShuffleNetV1(_ShuffleNetBase):

@@ -88,7 +88,8 @@ class SimpleCNN(Classifier):
             dense += [nn.Linear(width, h), nn.ReLU(inplace=True), nn.Dropout(drop_rate)]
             width = h
         self.dense = nn.Sequential(*dense)
-        self.fc = nn.Linear(width, num_classes)
+        self.num_features = width
+        self.fc = nn.Linear(width, num_classes) if num_classes > 0 else nn.Identity()
         init_weights(self, init)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -109,7 +109,7 @@ class SqueezeNet(Classifier):
             self.feature_info.append(FeatureInfo(f"stages.{i}", channels, stride))
         self.stages = nn.Sequential(*stages)
         self.dropout = nn.Dropout(drop_rate)
-        self.head_channels = channels
+        self.num_features = channels
         self.final_conv: nn.Module = nn.Conv2d(channels, num_classes, 1) if num_classes > 0 else nn.Identity()
         self.act = nn.ReLU(inplace=True)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -131,7 +131,7 @@ class SqueezeNet(Classifier):
     def reset_classifier(self, num_classes: int) -> None:
         """A new 1x1 conv classifier (N(0, 0.01) init); ``num_classes=0`` removes it."""
         first = next(self.parameters())
-        head = nn.Conv2d(self.head_channels, num_classes, 1) if num_classes > 0 else nn.Identity()
+        head = nn.Conv2d(self.num_features, num_classes, 1) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             nn.init.normal_(head.weight, 0.0, 0.01)
             nn.init.zeros_(head.bias)

@@ -96,7 +96,7 @@ class VGGNet(Classifier):
             self.feature_info.append(FeatureInfo(f"stages.{i}", channels, stride))
         self.stages = nn.Sequential(*blocks)
         self.head = FCHead(channels, num_classes, pool_size=7, drop_rate=drop_rate, act_layer=act_layer)
-        self._head_in_features = self.head.fc7.out_features  # lets reset_classifier re-add a removed fc
+        self.num_features = self.head.fc7.out_features
         init_weights(self, init)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -182,7 +182,7 @@ class Xception(Classifier):
         self.exit_flow = nn.Sequential(*flows["exit_flow"])
         taps[stride] = FeatureInfo("exit_flow", channels, stride)
         self.feature_info += sorted(taps.values(), key=lambda info: info.stride)
-        self.num_features = self._head_in_features = channels
+        self.num_features = channels
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(channels, num_classes) if num_classes > 0 else nn.Identity()
