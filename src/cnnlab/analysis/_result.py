@@ -7,6 +7,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cnnlab._io import atomic_write_text
+
 
 def human(n: float | None, unit: str = "") -> str:
     """1234567 -> '1.23M' (decimal prefixes: 1 MB = 10^6 bytes)."""
@@ -97,7 +99,7 @@ class Summary:
     def to_json(self, path: str | Path | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2)
         if path is not None:
-            Path(path).write_text(text)
+            atomic_write_text(path, text)
         return text
 
     _FIELDS = ("name", "type", "output_shape", "trainable", "frozen", "macs", "uncounted", "act_elements",
@@ -114,7 +116,7 @@ class Summary:
                         for v in (d[f] for f in self._FIELDS)])
         text = buf.getvalue()
         if path is not None:
-            Path(path).write_text(text)
+            atomic_write_text(path, text)
         return text
 
     def _cells(self) -> tuple[list[str], list[list[str]]]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cnnlab._io import atomic_savefig, atomic_write_text
 from cnnlab.analysis._result import human
 from cnnlab.analysis.summary import summary
 
@@ -63,7 +64,7 @@ class Comparison:
             d["input_size"] = "x".join(map(str, m.input_size))
             w.writerow(d)
         if path is not None:
-            Path(path).write_text(buf.getvalue())
+            atomic_write_text(path, buf.getvalue())
         return buf.getvalue()
 
     def plot(self, path: str | Path) -> Path:
@@ -86,7 +87,7 @@ class Comparison:
         ax.grid(True, which="both", alpha=0.3)
         fig.tight_layout()
         path = Path(path)
-        fig.savefig(path, dpi=100)
+        atomic_savefig(fig, path, dpi=100)
         plt.close(fig)
         return path
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from cnnlab._errors import CnnlabError
+from cnnlab._io import atomic_savefig
 from cnnlab.analysis._result import human
 
 _RELUS = (nn.ReLU, nn.ReLU6)
@@ -83,7 +84,7 @@ class GradientFlow:
             ax.set_ylim(0, 100)
         fig.tight_layout()
         path = Path(path)
-        fig.savefig(path, dpi=100)
+        atomic_savefig(fig, path, dpi=100)
         plt.close(fig)
         return path
 

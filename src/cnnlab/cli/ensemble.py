@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from cnnlab._io import atomic_write_text
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -63,5 +65,5 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     gain = result.accuracy - result.mean_member_accuracy
     print(f"ensemble vs mean member: {gain:+.4f} accuracy on {result.count} test images")
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result.to_dict(), indent=2))
+        atomic_write_text(args.json_out, json.dumps(result.to_dict(), indent=2))
     return 0

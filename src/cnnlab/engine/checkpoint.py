@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 
 from cnnlab._errors import CnnlabError
+from cnnlab._io import atomic_write
 
 
 @dataclass
@@ -35,24 +35,11 @@ class Checkpoint:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], token: str) -> None:
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"cnnlab_token": token}))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"cnnlab_token": token}))
 
 
 def _split_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -95,7 +82,7 @@ def save_checkpoint(run_dir: str | os.PathLike, tag: str, model: torch.nn.Module
         extra.update({f"ema.{k}": v for k, v in ema.items()})
     _save_tensors(run_dir / f"{tag}.state.safetensors", extra, token)
     text = json.dumps(meta, indent=1, default=_json_default)
-    _atomic_write(run_dir / f"{tag}.json", lambda tmp: Path(tmp).write_text(text))
+    atomic_write(run_dir / f"{tag}.json", lambda tmp: Path(tmp).write_text(text))
     return weights
 
 

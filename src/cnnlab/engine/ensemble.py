@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnlab._errors import CnnlabError
+from cnnlab._io import atomic_write_text
 from cnnlab.engine.checkpoint import load_checkpoint
 from cnnlab.engine.config import TrainConfig
 from cnnlab.engine.data_setup import DataBundle, build_data
@@ -245,5 +246,5 @@ def train_bagged(config: TrainConfig, n: int) -> BaggingResult:
     result = evaluate_ensemble([r.run_dir for r in runs], device=config.device)
     summary = {"members": [str(r.run_dir) for r in runs], "bootstrap_seeds": seeds, **result.to_dict()}
     if is_main_process():  # under torchrun every rank trains the same members; rank 0 writes
-        (bag_dir / "bagging.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_text(bag_dir / "bagging.json", json.dumps(summary, indent=2))
     return BaggingResult(bag_dir, runs, result)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import itertools
 import json
 import math
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnlab._errors import CnnlabError
+from cnnlab._io import atomic_savefig, atomic_write_text
 from cnnlab.engine.config import TrainConfig, apply_overrides
 from cnnlab.engine.distributed import is_main_process
 from cnnlab.engine.trainer import TrainingDiverged, train
@@ -266,8 +268,8 @@ def search(base: TrainConfig, space: Sequence[Dimension], *, strategy: str = "ra
     if is_main_process():  # under torchrun every rank runs the same trials; rank 0 writes
         search_dir.mkdir(parents=True, exist_ok=True)
         write_table(csv_path, done, [d.key for d in space])
-        (search_dir / "best.json").write_text(json.dumps({"metric": metric, "score": best.score, "params": best.params,
-                                                          "run_dir": str(best.run_dir)}, indent=2))
+        atomic_write_text(search_dir / "best.json", json.dumps(
+            {"metric": metric, "score": best.score, "params": best.params, "run_dir": str(best.run_dir)}, indent=2))
         if plot_path is not None:
             plot_search(plot_path, done, space, metric)
     return SearchResult(done, best, search_dir, csv_path, plot_path, metric)
@@ -311,14 +313,14 @@ TABLE_COLUMNS = ("round", "trial", "epochs", "status", "score", "val_acc", "val_
 
 def write_table(path: Path, trials: Sequence[Trial], keys: Sequence[str]) -> Path:
     """One CSV row per trial: its parameters, scores and run folder."""
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["round", "trial", *keys, *TABLE_COLUMNS[2:]])
-        for t in trials:
-            writer.writerow([t.round, t.index, *(t.params.get(k, "") for k in keys), t.epochs, t.status,
-                             *(f"{v:.6g}" for v in (t.score, t.val_acc, t.val_loss, t.train_loss)), t.best_epoch,
-                             f"{t.time_s:.1f}", t.run_dir])
-    return path
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["round", "trial", *keys, *TABLE_COLUMNS[2:]])
+    for t in trials:
+        writer.writerow([t.round, t.index, *(t.params.get(k, "") for k in keys), t.epochs, t.status,
+                         *(f"{v:.6g}" for v in (t.score, t.val_acc, t.val_loss, t.train_loss)), t.best_epoch,
+                         f"{t.time_s:.1f}", t.run_dir])
+    return atomic_write_text(path, buf.getvalue())
 
 
 def plot_search(path: Path, trials: Sequence[Trial], space: Sequence[Dimension], metric: str) -> Path:
@@ -363,6 +365,6 @@ def plot_search(path: Path, trials: Sequence[Trial], space: Sequence[Dimension],
     if best is not None:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_savefig(fig, path, dpi=100)
     plt.close(fig)
     return path

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnlab._errors import CnnlabError
+from cnnlab._io import atomic_write_text
 from cnnlab.engine import report
 from cnnlab.engine.checkpoint import load_checkpoint, save_checkpoint
 from cnnlab.engine.config import TrainConfig, validate
@@ -174,13 +175,14 @@ def _train(config: TrainConfig, resume: bool, callbacks: Sequence[EpochCallback]
         state.update({k: ckpt.meta[k] for k in state if k in ckpt.meta})
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(config.to_json())
+        atomic_write_text(run_dir / "config.json", config.to_json())
     _log(config, f"run {run_dir}  ({'resumed at epoch ' + str(state['epoch']) if ckpt else 'new'})\nconfig:\n{config.describe()}")
     _log(config, f"device {device}{' (bf16 autocast)' if amp else ''}, {sum(p.numel() for p in model.parameters()):,} "
                  f"parameters, {len(data.train)} steps per epoch, classes: {len(data.classes)}")
 
     net = env.wrap(model)  # DistributedDataParallel under torchrun, else the model itself
-    net = torch.compile(net) if config.model.compile else net
+    if config.model.compile:  # the checkpoints keep saving `model`: its keys have no `_orig_mod.` prefix
+        net = torch.compile(net, mode=None if config.model.compile_mode == "default" else config.model.compile_mode)
     steps_per_epoch = len(data.train)
     total_steps = steps_per_epoch * config.epochs
     meta_base = {"model": config.model.name, "num_classes": data.num_classes, "input_shape": list(data.input_shape),
@@ -331,8 +333,9 @@ def _write_results(result: RunResult, data: DataBundle) -> None:
     run_dir, test = result.run_dir, result.test
     summary = {"test_accuracy": test.accuracy, "test_loss": test.loss, "test_topk": test.topk,
                "best_epoch": result.best_epoch, "epochs_run": len(result.history), "stopped_early": result.stopped_early,
-               "wall_s": result.wall_s, "cpu_s": result.cpu_s, "classes": result.classes}
-    (run_dir / "results.json").write_text(json.dumps(summary, indent=2))
+               "wall_s": result.wall_s, "cpu_s": result.cpu_s, "classes": result.classes,
+               "confusion": test.confusion.tolist(), "precision": test.precision.tolist(), "recall": test.recall.tolist()}
+    atomic_write_text(run_dir / "results.json", json.dumps(summary, indent=2))
     if result.config.plots and result.history:
         report.plot_curves(run_dir / "curves.png", result.history)
         report.plot_confusion(run_dir / "confusion_matrix.png", test.confusion, data.classes)
