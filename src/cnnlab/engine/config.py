@@ -27,7 +27,9 @@ class ModelConfig:
         freeze: module-name prefixes whose parameters do not train (``["stem", "stages.0"]``).
         lr_mult: module-name prefix -> learning-rate multiplier (discriminative learning rates).
         channels_last: NHWC memory format (faster convolutions on CPU and tensor cores).
-        compile: wrap the model in ``torch.compile``.
+        compile: wrap the model in ``torch.compile`` (the first steps then take seconds to minutes).
+        compile_mode: torch.compile's mode: ``default``, ``reduce-overhead`` (CUDA graphs: fewer kernel
+            launches for small networks), ``max-autotune`` or ``max-autotune-no-cudagraphs``.
     """
 
     name: str = "simple_cnn_bn"
@@ -37,6 +39,7 @@ class ModelConfig:
     lr_mult: dict[str, float] = field(default_factory=dict)
     channels_last: bool = True
     compile: bool = False
+    compile_mode: str = "default"
 
 
 @dataclass
@@ -271,6 +274,7 @@ CHOICES = {
     "optim.schedule": ("constant", "step", "cosine", "onecycle"),
     "data.normalize": ("standard", "pca", "zca", "none"),
     "amp": ("auto", "bf16", "none"),
+    "model.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "monitor": ("val_loss", "val_acc"),
 }
 
