@@ -6,6 +6,7 @@ import warnings
 import pytest
 import torch
 
+from cnnlab._errors import CnnlabError
 from cnnlab.data import augment as A
 from cnnlab.engine.config import DataConfig
 from cnnlab.engine.data_setup import build_augment
@@ -74,6 +75,23 @@ def test_color_jitter_keeps_range_and_resized_crop_keeps_shape():
     out, _ = A.ColorJitter(0.5, 0.5, 0.5)(x, y, gen())
     assert out.min() >= 0 and out.max() <= 1 and not torch.equal(out, x)
     assert A.RandomResizedCrop()(x, y, gen())[0].shape == x.shape
+
+
+def test_hue_shift_matches_torchvision():
+    from torchvision.transforms import functional as TF
+
+    x = torch.rand(6, 3, 9, 11, generator=torch.Generator().manual_seed(0))
+    x[0] = 0.5  # grey: no hue to turn
+    x[1, :, :2] = 0  # black pixels
+    shifts = torch.tensor([0.1, -0.3, 0.5, -0.5, 0.0, 0.25])
+    ref = torch.stack([TF.adjust_hue(img, float(s)) for img, s in zip(x, shifts)])
+    assert (A.shift_hue(x, shifts) - ref).abs().max() < 1e-5
+    jitter = A.ColorJitter(hue=0.2)
+    out, _ = jitter(x, torch.zeros(6, dtype=torch.long), gen())
+    assert torch.allclose(out[0], x[0]) and not torch.allclose(out[2], x[2])  # grey stays grey
+    assert torch.allclose(out.amax(1), x.amax(1), atol=1e-6)  # a hue turn keeps the HSV value
+    with pytest.raises(CnnlabError, match="hue"):
+        A.ColorJitter(hue=0.7)
 
 
 def test_same_seed_same_batch():

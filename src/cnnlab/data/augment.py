@@ -141,11 +141,20 @@ class RandomResizedCrop(BatchTransform):
 
 @dataclass(repr=False)
 class ColorJitter(BatchTransform):
-    """Random brightness, contrast and (for colour images) saturation factors in [1 - v, 1 + v]."""
+    """Random brightness, contrast and (colour images) saturation factors in [1 - v, 1 + v], and hue shifts.
+
+    ``hue`` shifts each image's hue by a random fraction of the colour circle in [-hue, hue]
+    (at most 0.5), through HSV exactly as ``torchvision.transforms.functional.adjust_hue`` does.
+    """
 
     brightness: float = 0.0
     contrast: float = 0.0
     saturation: float = 0.0
+    hue: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.hue <= 0.5:
+            raise CnnlabError(f"hue jitter must be in [0, 0.5] (a fraction of the colour circle), got {self.hue}")
 
     def __call__(self, x, y, gen):
         b, dev = x.shape[0], x.device
@@ -161,7 +170,27 @@ class ColorJitter(BatchTransform):
         if self.saturation and x.shape[1] == 3:
             grey = (x * torch.tensor([0.299, 0.587, 0.114], device=dev).view(1, 3, 1, 1)).sum(1, keepdim=True)
             x = (x - grey) * factor(self.saturation) + grey
+        if self.hue and x.shape[1] == 3:
+            x = shift_hue(x.clamp(0, 1), _uniform(gen, b, -self.hue, self.hue, dev))
         return x.clamp(0, 1), y
+
+
+def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue of RGB images in [0, 1] (B, 3, H, W) by ``shift`` (B,) turns: RGB -> HSV -> RGB."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.amax(1), x.amin(1)
+    delta = maxc - minc
+    safe_delta = torch.where(delta == 0, torch.ones_like(delta), delta)
+    sat = delta / torch.where(maxc == 0, torch.ones_like(maxc), maxc)
+    rc, gc, bc = (maxc - r) / safe_delta, (maxc - g) / safe_delta, (maxc - b) / safe_delta
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.where(delta == 0, torch.zeros_like(h), h)
+    h = ((h / 6.0 + shift.view(-1, 1, 1)) % 1.0) * 6.0
+    # back to RGB: each channel is v - v*s*clamp(min(k, 4 - k), 0, 1) with k = (n + h) mod 6
+    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    k = (n + h.unsqueeze(1)) % 6.0
+    v, s = maxc.unsqueeze(1), sat.unsqueeze(1)
+    return v - v * s * torch.minimum(k, 4.0 - k).clamp(0, 1)
 
 
 @dataclass(repr=False)

@@ -53,8 +53,10 @@ class DataConfig:
         val_fraction: share of the training split held out for validation (fixed by the seed).
         image_size: resize folder images to this square size; None keeps the dataset's.
         normalize: ``standard`` (per-channel mean/std of the training split), ``pca``, ``zca`` or ``none``.
-        flip, vflip, crop_padding, resized_crop_scale, rotate, translate, scale, shear, jitter,
-            cutout, mixup, cutmix: batched augmentation (0 / False = off); mixup and cutmix are Beta alphas.
+        flip, vflip, crop_padding, resized_crop_scale, rotate, translate, scale, shear, jitter, hue,
+            cutout, mixup, cutmix: batched augmentation (0 / False = off); ``jitter`` is the brightness,
+            contrast and saturation range, ``hue`` the hue shift (fraction of the colour circle, <= 0.5);
+            mixup and cutmix are Beta alphas.
         train_limit: use only the first N training images (quick experiments; 0 = all).
         num_workers: DataLoader workers for image folders.
     """
@@ -76,6 +78,7 @@ class DataConfig:
     scale: tuple[float, float] = (1.0, 1.0)
     shear: float = 0.0
     jitter: float = 0.0
+    hue: float = 0.0
     cutout: int = 0
     mixup: float = 0.0
     cutmix: float = 0.0

@@ -58,8 +58,8 @@ def build_augment(config: DataConfig, num_classes: int, dataset: str) -> A.Batch
         t.append(A.RandomResizedCrop(scale=(config.resized_crop_scale, 1.0)))
     if config.rotate or config.translate or config.shear or tuple(config.scale) != (1.0, 1.0):
         t.append(A.RandomAffine(config.rotate, config.translate, tuple(config.scale), config.shear))
-    if config.jitter:
-        t.append(A.ColorJitter(config.jitter, config.jitter, config.jitter))
+    if config.jitter or config.hue:
+        t.append(A.ColorJitter(config.jitter, config.jitter, config.jitter, config.hue))
     if config.cutout:
         t.append(A.Cutout(config.cutout))
     if config.mixup and config.cutmix:
