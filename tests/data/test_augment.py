@@ -110,3 +110,26 @@ def test_label_changing_transforms_warn_on_digits_only():
         warnings.simplefilter("error")
         build_augment(DataConfig(rotate=15.0, flip=True), 10, "mnist")
         build_augment(DataConfig(vflip=True, rotate=180.0), 10, "fashion_mnist")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device synchronisation exists only with a GPU")
+def test_batched_pipeline_never_waits_for_the_gpu():
+    # every transform, the normalisation and the label mixing stay on the device: a Python float or
+    # a fresh tensor built from a list would block the host until the GPU catches up, every batch
+    from cnnlab.data.loader import prepare_batch
+    from cnnlab.data.preprocess import Normalize
+
+    x = torch.randint(0, 256, (16, 3, 12, 12), dtype=torch.uint8, device="cuda")
+    y = torch.arange(16, device="cuda") % 3
+    norm = Normalize((0.5, 0.4, 0.3), (0.2, 0.2, 0.2))
+    cuda_gen = torch.Generator(device="cuda").manual_seed(0)
+    for mix in (A.Mixup(3, 0.4), A.CutMix(3, 1.0)):
+        t = A.Compose([A.RandomFlip(), A.RandomCrop(2), A.RandomResizedCrop(), A.RandomAffine(10, 0.1, (0.9, 1.1), 5),
+                       A.ColorJitter(0.3, 0.3, 0.3, 0.1), A.Cutout(4), mix])
+        prepare_batch(x, y, t, norm, True, cuda_gen)  # first call: caches the normalisation constants
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out, soft = prepare_batch(x, y, t, norm, True, cuda_gen)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert out.shape == (16, 3, 12, 12) and soft.shape == (16, 3)

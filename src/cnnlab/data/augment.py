@@ -168,7 +168,8 @@ class ColorJitter(BatchTransform):
             grey = x.mean(1, keepdim=True) if x.shape[1] == 3 else x
             x = (x - grey.mean((1, 2, 3), keepdim=True)) * factor(self.contrast) + grey.mean((1, 2, 3), keepdim=True)
         if self.saturation and x.shape[1] == 3:
-            grey = (x * torch.tensor([0.299, 0.587, 0.114], device=dev).view(1, 3, 1, 1)).sum(1, keepdim=True)
+            r, g, b_ = x.unbind(1)
+            grey = (0.299 * r + 0.587 * g + 0.114 * b_).unsqueeze(1)  # ITU-R 601 luma, as torchvision
             x = (x - grey) * factor(self.saturation) + grey
         if self.hue and x.shape[1] == 3:
             x = shift_hue(x.clamp(0, 1), _uniform(gen, b, -self.hue, self.hue, dev))
@@ -187,7 +188,7 @@ def shift_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     h = torch.where(delta == 0, torch.zeros_like(h), h)
     h = ((h / 6.0 + shift.view(-1, 1, 1)) % 1.0) * 6.0
     # back to RGB: each channel is v - v*s*clamp(min(k, 4 - k), 0, 1) with k = (n + h) mod 6
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    n = torch.arange(5.0, 0.0, -2.0, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)  # 5, 3, 1 for R, G, B
     k = (n + h.unsqueeze(1)) % 6.0
     v, s = maxc.unsqueeze(1), sat.unsqueeze(1)
     return v - v * s * torch.minimum(k, 4.0 - k).clamp(0, 1)
@@ -217,10 +218,11 @@ def _soft(y: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor
     return y if y.ndim == 2 else F.one_hot(y, num_classes).to(dtype)
 
 
-def _beta(gen: torch.Generator, alpha: float, device: torch.device) -> float:
-    # Beta(a, a) from two Gamma draws, taken from the generator so runs are repeatable
+def _beta(gen: torch.Generator, alpha: float, device: torch.device) -> torch.Tensor:
+    # Beta(a, a) from two Gamma draws, taken from the generator so runs are repeatable; a 0-d
+    # tensor on the device, never a Python float: reading it back would stall a GPU every batch
     g = torch._standard_gamma(torch.full((2,), alpha, device=device), generator=gen)
-    return float(g[0] / g.sum())
+    return g[0] / g.sum()
 
 
 @dataclass(repr=False)
@@ -246,15 +248,18 @@ class CutMix(BatchTransform):
 
     def __call__(self, x, y, gen):
         b, _, h, w = x.shape
-        lam = _beta(gen, self.alpha, x.device)
-        perm = torch.randperm(b, generator=gen, device=x.device)
-        cut_h, cut_w = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
-        cy, cx = (int(v) for v in (_rand(gen, 2, device=x.device) * torch.tensor([h, w], device=x.device)))
-        y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
-        x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
-        out = x.clone()
-        out[:, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]
-        area = (y1 - y0) * (x1 - x0) / (h * w)  # the label weight is the area actually pasted
+        dev = x.device
+        lam = _beta(gen, self.alpha, dev)
+        perm = torch.randperm(b, generator=gen, device=dev)
+        # one box for the whole batch, kept on the device as a mask (no host round trip)
+        side = (1 - lam).sqrt()
+        half_h, half_w = (h * side).floor() // 2, (w * side).floor() // 2
+        centre = _rand(gen, 2, device=dev)
+        cy, cx = (centre[0] * h).floor(), (centre[1] * w).floor()
+        rows, cols = torch.arange(h, device=dev).view(h, 1), torch.arange(w, device=dev).view(1, w)
+        box = (rows >= cy - half_h) & (rows < cy + half_h) & (cols >= cx - half_w) & (cols < cx + half_w)
+        out = torch.where(box, x[perm], x)
+        area = box.float().mean()  # the label weight is the area actually pasted (the box is clipped)
         t = _soft(y, self.num_classes, x.dtype)
         return out, (1 - area) * t + area * t[perm]
 

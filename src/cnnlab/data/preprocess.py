@@ -1,7 +1,7 @@
 """Preprocessing fitted on the training split: per-channel mean/std normalisation and PCA/ZCA whitening."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,6 +18,7 @@ class Normalize:
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    _stats: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def fit(cls, images: torch.Tensor, chunk: int = 8192) -> Normalize:
@@ -38,8 +39,10 @@ class Normalize:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] != len(self.mean):
             raise CnnlabError(f"Normalize has {len(self.mean)} channels, the images have {x.shape[1]}")
-        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        key = (x.device, x.dtype)
+        if key not in self._stats:  # a new tensor per batch would be a blocking host-to-GPU copy each time
+            self._stats[key] = tuple(torch.tensor(v, dtype=x.dtype).view(1, -1, 1, 1).to(x.device) for v in (self.mean, self.std))
+        mean, std = self._stats[key]
         return (x - mean) / std
 
 
