@@ -159,3 +159,27 @@ def test_sigkill_mid_epoch_then_resume_loses_at_most_that_epoch(tmp_path):
                    check=True, timeout=300)
     final = load_checkpoint(tmp_path / "run")
     assert final.meta["epoch"] == 3 and [r["epoch"] for r in final.meta["history"]] == [1, 2, 3]
+
+
+def test_ema_is_the_exponential_average_of_every_step():
+    from cnnlab.engine.trainer import _Ema
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    ema = _Ema(model, decay=0.9)
+    expected = {k: v.clone().float() for k, v in model.state_dict().items()}
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model(torch.randn(8, 3))  # train mode: BatchNorm moves its running statistics and counter
+        ema.update(model)
+        for k, v in model.state_dict().items():
+            expected[k] = v.float() if k.endswith("num_batches_tracked") else 0.9 * expected[k] + 0.1 * v
+    for k, v in ema.state().items():
+        torch.testing.assert_close(v.float(), expected[k], rtol=1e-6, atol=1e-6)
+    assert not any(p.requires_grad for p in ema.module.parameters())
+    # a checkpoint written by torch's AveragedModel (cnnlab <= 0.1) still loads
+    legacy = {f"module.{k}": v + 1 if v.is_floating_point() else v for k, v in ema.state().items()}
+    ema.load({**legacy, "n_averaged": torch.tensor(3)})
+    torch.testing.assert_close(ema.state()["0.weight"], expected["0.weight"] + 1)

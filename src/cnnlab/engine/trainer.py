@@ -1,6 +1,8 @@
 """The training loop: ``train(config) -> RunResult``, resumable exactly from its last checkpoint."""
 from __future__ import annotations
 
+import copy
+import itertools
 import json
 import math
 import sys
@@ -239,22 +241,36 @@ def model_channels(config: TrainConfig) -> int | None:
 
 
 class _Ema:
-    """Exponential moving average of the weights (buffers copied), evaluated instead of the raw model."""
+    """Exponential moving average of the weights and floating buffers, evaluated instead of the raw model.
+
+    One fused ``lerp`` over all tensors per step and no host round trip (torch's AveragedModel
+    reads a step counter back from the device twice per update, stalling a GPU every batch).
+    Integer buffers (BatchNorm's batch counters) are copied.
+    """
 
     def __init__(self, model: nn.Module, decay: float) -> None:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        self.module = copy.deepcopy(model).requires_grad_(False)
+        self.decay = decay
 
-        self.averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-        self.module = self.averaged.module
+    @staticmethod
+    def _tensors(module: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        tensors = [t.detach() for t in itertools.chain(module.parameters(), module.buffers())]
+        return [t for t in tensors if t.is_floating_point()], [t for t in tensors if not t.is_floating_point()]
 
+    @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        self.averaged.update_parameters(model)
+        (avg_float, avg_int), (new_float, new_int) = self._tensors(self.module), self._tensors(model)
+        torch._foreach_lerp_(avg_float, new_float, 1.0 - self.decay)
+        for avg, new in zip(avg_int, new_int):
+            avg.copy_(new)
 
     def state(self) -> dict[str, torch.Tensor]:
-        return self.averaged.state_dict()
+        return self.module.state_dict()
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
-        self.averaged.load_state_dict(state)
+        if "n_averaged" in state:  # written by cnnlab <= 0.1 (torch's AveragedModel): keys under "module."
+            state = {k.removeprefix("module."): v for k, v in state.items() if k != "n_averaged"}
+        self.module.load_state_dict(state)
 
 
 def _train_epoch(net, model, data: DataBundle, optimizer, ema, config: TrainConfig, state, epoch, steps_per_epoch,
