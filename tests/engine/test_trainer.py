@@ -34,7 +34,7 @@ def test_run_learns_and_fills_the_run_folder(tmp_path):
     run = tmp_path / "run"
     assert result.test.accuracy > 0.6 and result.test.count == 30  # chance is 1/3
     for name in ("config.json", "metrics.csv", "results.json", "best.safetensors", "last.safetensors", "last.json",
-                 "last.state.safetensors", "curves.png", "confusion_matrix.png"):
+                 "last.state.safetensors", "curves.png", "confusion_matrix.png", "report.html"):
         assert (run / name).is_file(), name
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2", "3"] and all(r["val_acc"] for r in rows)

@@ -1,7 +1,8 @@
-"""What a run leaves behind besides checkpoints: metrics.csv and the PNG plots (matplotlib, Agg backend)."""
+"""What a run leaves behind besides checkpoints: metrics.csv, the PNG plots (matplotlib, Agg backend), report.html."""
 from __future__ import annotations
 
 import csv
+import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -9,19 +10,19 @@ from typing import Any
 
 import torch
 
+from cnnlab._io import atomic_savefig, atomic_write_text
+
 METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "time_s", "cpu_s", "images_per_s")
 
 
 def write_metrics(path: str | os.PathLike, history: Sequence[dict[str, Any]]) -> None:
     """Rewrite metrics.csv from the whole history (one row per epoch), so a resumed run never duplicates rows."""
-    path = Path(path)
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in history:
-            writer.writerow({k: ("" if row.get(k) is None else _fmt(row[k])) for k in METRIC_COLUMNS})
-    os.replace(tmp, path)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: ("" if row.get(k) is None else _fmt(row[k])) for k in METRIC_COLUMNS})
+    atomic_write_text(path, buf.getvalue())
 
 
 def _fmt(v: Any) -> str:
@@ -40,6 +41,15 @@ def _pyplot():
 def plot_curves(path: str | os.PathLike, history: Sequence[dict[str, Any]]) -> Path:
     """Loss and accuracy per epoch, train against validation: the curves to read over- and under-fitting."""
     plt = _pyplot()
+    fig = curves_figure(history)
+    atomic_savefig(fig, path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def curves_figure(history: Sequence[dict[str, Any]]):
+    """The figure of ``plot_curves`` (the caller saves and closes it; the HTML report embeds it from memory)."""
+    plt = _pyplot()
     epochs = [r["epoch"] for r in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, title in ((ax_loss, "loss", "loss"), (ax_acc, "acc", "accuracy")):
@@ -52,13 +62,20 @@ def plot_curves(path: str | os.PathLike, history: Sequence[dict[str, Any]]) -> P
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return fig
 
 
 def plot_confusion(path: str | os.PathLike, confusion: torch.Tensor, classes: Sequence[str]) -> Path:
     """Row-normalised confusion matrix with the counts written in each cell."""
+    plt = _pyplot()
+    fig = confusion_figure(confusion, classes)
+    atomic_savefig(fig, path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def confusion_figure(confusion: torch.Tensor, classes: Sequence[str]):
+    """The figure of ``plot_confusion`` (the caller saves and closes it)."""
     plt = _pyplot()
     k = len(classes)
     rates = confusion.float() / confusion.sum(1, keepdim=True).clamp(min=1)
@@ -76,9 +93,7 @@ def plot_confusion(path: str | os.PathLike, confusion: torch.Tensor, classes: Se
     ax.set_ylabel("true")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return fig
 
 
 def plot_misclassified(path: str | os.PathLike, images: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor,
@@ -98,6 +113,20 @@ def plot_misclassified(path: str | os.PathLike, images: torch.Tensor, labels: to
         ax.imshow(img[0].numpy() if img.shape[0] == 1 else img.permute(1, 2, 0).numpy(), cmap="gray")
         ax.set_title(f"{classes[int(labels[i])][:10]}\n-> {classes[int(predictions[i])][:10]}", fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_savefig(fig, path, dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+def write_html_report(run_dir: str | os.PathLike, path: str | os.PathLike | None = None) -> Path:
+    """One self-contained HTML page for a run folder (default ``run_dir/report.html``); see engine/html_report.py."""
+    from cnnlab.engine.html_report import write_html_report as write
+
+    return write(run_dir, path)
+
+
+def write_comparison_report(run_dirs: Sequence[str | os.PathLike], path: str | os.PathLike) -> Path:
+    """One HTML page comparing several run folders: a table and overlaid learning curves."""
+    from cnnlab.engine.html_report import write_comparison_report as write
+
+    return write(run_dirs, path)

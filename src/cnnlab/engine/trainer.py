@@ -7,6 +7,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -358,3 +359,8 @@ def _write_results(result: RunResult, data: DataBundle) -> None:
         if data.test_images is not None:
             labels = data.test.labels.cpu()  # tensor datasets: the loader keeps them in order
             report.plot_misclassified(run_dir / "misclassified.png", data.test_images, labels, test.predictions, data.classes)
+        try:
+            report.write_html_report(run_dir)
+        except Exception as e:  # noqa: BLE001 - the run is done and saved; a page that fails must not undo that
+            warnings.warn(f"report.html was not written ({type(e).__name__}: {e}); `cnnlab report {run_dir}` retries",
+                          stacklevel=2)
