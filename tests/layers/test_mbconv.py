@@ -9,31 +9,16 @@ from torch import nn
 
 from cnnlab.layers import SqueezeExcite
 from cnnlab.layers.mbconv import DepthwiseSeparableBlock, MBConv
+from tests.models._helpers import macs
 from tests.oracle import randomize_norm_stats
-
-
-def conv_macs(model: nn.Module, x: torch.Tensor) -> int:
-    """Multiply-adds of every Conv2d for input ``x``: out elements x (in/groups) x kh x kw."""
-    total = 0
-
-    def hook(m: nn.Conv2d, _inp, out):
-        nonlocal total
-        total += out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
-    with torch.no_grad():
-        model(x)
-    for h in handles:
-        h.remove()
-    return total
 
 
 @pytest.mark.parametrize("in_channels,out_channels", [(32, 64), (512, 512)])
 def test_separable_costs_one_over_n_plus_one_over_k2(in_channels, out_channels):
     # Howard et al. 2017, eq. 5: separable / standard = 1/N + 1/Dk^2 (N output channels, Dk = 3).
     x = torch.randn(1, in_channels, 14, 14)
-    separable = conv_macs(DepthwiseSeparableBlock(in_channels, out_channels).eval(), x)
-    standard = conv_macs(nn.Conv2d(in_channels, out_channels, 3, padding=1), x)
+    separable = macs(DepthwiseSeparableBlock(in_channels, out_channels).eval(), x)
+    standard = macs(nn.Conv2d(in_channels, out_channels, 3, padding=1), x)
     assert separable / standard == pytest.approx(1 / out_channels + 1 / 9, rel=1e-12)
     if out_channels >= 128:  # "8 to 9 times less computation" (Sec. 3.1) holds once N is in the hundreds
         assert 8 <= standard / separable <= 9

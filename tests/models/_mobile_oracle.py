@@ -10,6 +10,11 @@ from torch import nn
 import cnnlab
 from tests.oracle import assert_same_output, randomize_norm_stats
 
+# timm's EfficientNet class holds every MBConvNet table (MobileNet v2, MnasNet, EfficientNet) as
+# seven ``blocks`` groups at strides 2, 4, 8, 16, 16, 32, 32, then ``bn2`` after conv_head: the
+# deepest map of each stride, i.e. our ``feature_info``.
+TIMM_MBCONV_TAPS = ["blocks.0", "blocks.1", "blocks.2", "blocks.4", "bn2"]
+
 
 def check_converted_stages(name: str, reference: nn.Module, taps: list[str], input_size: int = 64, **overrides) -> None:
     """As ``tests.oracle.check_converted`` (logits within 1e-4), then every ``feature_info`` map

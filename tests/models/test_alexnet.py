@@ -9,6 +9,7 @@ from torch import nn
 import cnnlab
 from cnnlab import CnnlabError
 from cnnlab.models.alexnet import alexnet, alexnet_tv, zfnet
+from tests.models._helpers import assert_smallest_input
 from tests.oracle import check_converted, meta_count
 
 
@@ -83,12 +84,7 @@ def test_zfnet_shapes_and_count():
 
 @pytest.mark.parametrize("name,smallest", [("alexnet", 67), ("alexnet_tv", 63), ("zfnet", 47)])
 def test_min_input_size_is_exact(name, smallest):
-    model = cnnlab.create_model(name, num_classes=3).eval()
-    assert model.min_input_size == smallest
-    with torch.no_grad():
-        assert model(torch.randn(1, 3, smallest, smallest)).shape == (1, 3)
-        with pytest.raises(RuntimeError):  # one pixel less really breaks a pool
-            model.forward_features(torch.randn(1, 3, smallest - 1, smallest - 1))
+    model = assert_smallest_input(name, smallest)  # one pixel less really breaks a pool
     with pytest.raises(CnnlabError, match=f">= {smallest}"):
         model(torch.randn(1, 3, smallest - 1, smallest - 1))
 

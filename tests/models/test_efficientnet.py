@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 import cnnlab
-from cnnlab.models import model_info
 from cnnlab.models import efficientnet as eff
-from tests.models._mobile_oracle import check_converted_stages, mult_adds
+from cnnlab.models import model_info
+from tests.models._mobile_oracle import TIMM_MBCONV_TAPS, check_converted_stages, mult_adds
 from tests.oracle import meta_count
 
 torchvision = pytest.importorskip("torchvision")
@@ -18,6 +18,8 @@ torchvision = pytest.importorskip("torchvision")
 VARIANTS = [f"efficientnet_b{i}" for i in range(8)]
 PARAMS = [eff.EFFICIENTNET_B0, eff.EFFICIENTNET_B1, eff.EFFICIENTNET_B2, eff.EFFICIENTNET_B3,
           eff.EFFICIENTNET_B4, eff.EFFICIENTNET_B5, eff.EFFICIENTNET_B6, eff.EFFICIENTNET_B7]
+# torchvision's features.{1..7} are the seven table rows, features.8 the head conv
+TV_TAPS = ["features.1", "features.2", "features.3", "features.5", "features.8"]
 
 
 def test_compound_scaling_rule():
@@ -69,14 +71,12 @@ def test_b0_paper_flops():
 
 
 def test_b0_same_output_as_torchvision():
-    check_converted_stages("efficientnet_b0", torchvision.models.efficientnet_b0(),
-                           ["features.1", "features.2", "features.3", "features.5", "features.8"])
+    check_converted_stages("efficientnet_b0", torchvision.models.efficientnet_b0(), TV_TAPS)
 
 
 def test_b1_same_output_as_torchvision():
     torch.manual_seed(0)
-    check_converted_stages("efficientnet_b1", torchvision.models.efficientnet_b1(),
-                           ["features.1", "features.2", "features.3", "features.5", "features.8"], input_size=32)
+    check_converted_stages("efficientnet_b1", torchvision.models.efficientnet_b1(), TV_TAPS, input_size=32)
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -113,5 +113,4 @@ def test_default_input_and_depth_scaling():
 def test_b0_same_output_as_timm():
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
-    check_converted_stages("efficientnet_b0", timm.create_model("efficientnet_b0"),
-                           ["blocks.0", "blocks.1", "blocks.2", "blocks.4", "bn2"], input_size=32)
+    check_converted_stages("efficientnet_b0", timm.create_model("efficientnet_b0"), TIMM_MBCONV_TAPS, input_size=32)

@@ -7,7 +7,7 @@ from torch import nn
 
 import cnnlab
 from cnnlab.models.mnasnet import BN_MOMENTUM
-from tests.models._mobile_oracle import check_converted_stages
+from tests.models._mobile_oracle import TIMM_MBCONV_TAPS, check_converted_stages
 from tests.oracle import meta_count
 
 torchvision = pytest.importorskip("torchvision")
@@ -71,9 +71,8 @@ def test_a1_paper_counts():
 def test_same_output_as_timm():
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
-    taps = ["blocks.0", "blocks.1", "blocks.2", "blocks.4", "bn2"]
-    check_converted_stages("semnasnet_100", timm.create_model("semnasnet_100"), taps)
-    check_converted_stages("mnasnet1_0", timm.create_model("mnasnet_100"), taps, input_size=32)
+    check_converted_stages("semnasnet_100", timm.create_model("semnasnet_100"), TIMM_MBCONV_TAPS)
+    check_converted_stages("mnasnet1_0", timm.create_model("mnasnet_100"), TIMM_MBCONV_TAPS, input_size=32)
 
 
 def test_options_in_channels_no_classifier_and_bad_rates():
@@ -85,3 +84,9 @@ def test_options_in_channels_no_classifier_and_bad_rates():
     assert model(x).shape == (2, 10) and model.drop.p == 0.5
     with pytest.raises(cnnlab.CnnlabError, match="drop_path_rate must be in"):
         cnnlab.create_model("mnasnet0_5", drop_path_rate=1.0)
+
+
+def test_a_conflicting_width_is_a_clear_error():
+    with pytest.raises(cnnlab.CnnlabError, match="alpha=2 conflicts"):
+        cnnlab.create_model("mnasnet0_5", alpha=2)
+    assert cnnlab.create_model("mnasnet0_5", alpha=0.5, num_classes=3).num_classes == 3  # the variant's own value is fine

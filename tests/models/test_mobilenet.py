@@ -9,7 +9,7 @@ import cnnlab
 from cnnlab import CnnlabError
 from cnnlab.models import model_info
 from cnnlab.models.mobilenet import MobileNetV1
-from tests.models._mobile_oracle import check_converted_stages, mult_adds
+from tests.models._mobile_oracle import TIMM_MBCONV_TAPS, check_converted_stages, mult_adds
 from tests.oracle import meta_count
 
 torchvision = pytest.importorskip("torchvision")
@@ -93,15 +93,17 @@ def test_v2_paper_counts():
     assert mult_adds(model, 224) / 1e6 == pytest.approx(300, rel=0.01)
 
 
+# torchvision's flat features list: the last block at each stride, then features.18, the head conv
+TV_V2_TAPS = ["features.1", "features.3", "features.6", "features.13", "features.18"]
+
+
 def test_v2_same_output_as_torchvision():
-    check_converted_stages("mobilenet_v2", torchvision.models.mobilenet_v2(),
-                           ["features.1", "features.3", "features.6", "features.13", "features.18"])
+    check_converted_stages("mobilenet_v2", torchvision.models.mobilenet_v2(), TV_V2_TAPS)
 
 
 def test_v2_width_mult_converts_too():
     torch.manual_seed(0)
-    check_converted_stages("mobilenet_v2", torchvision.models.mobilenet_v2(width_mult=0.5),
-                           ["features.1", "features.3", "features.6", "features.13", "features.18"],
+    check_converted_stages("mobilenet_v2", torchvision.models.mobilenet_v2(width_mult=0.5), TV_V2_TAPS,
                            input_size=32, width_mult=0.5)
 
 
@@ -121,5 +123,4 @@ def test_bad_width_mult():
 
 def test_v2_same_output_as_timm():
     torch.manual_seed(0)
-    check_converted_stages("mobilenet_v2", timm.create_model("mobilenetv2_100"),
-                           ["blocks.0", "blocks.1", "blocks.2", "blocks.4", "bn2"], input_size=32)
+    check_converted_stages("mobilenet_v2", timm.create_model("mobilenetv2_100"), TIMM_MBCONV_TAPS, input_size=32)

@@ -9,26 +9,13 @@ from torch import nn
 import cnnlab
 from cnnlab import CnnlabError
 from cnnlab.models.shufflenet import SHUFFLENET_V1_TABLE1
+from tests.models._helpers import macs as count_macs
 from tests.oracle import check_converted, meta_count
 
 
 def macs(model: nn.Module, size: int = 224) -> int:
     """Multiply-adds of the convs and linears (what the papers call FLOPs), counted on the meta device."""
-    total = 0
-
-    def hook(m, _inputs, out):
-        nonlocal total
-        if isinstance(m, nn.Conv2d):
-            total += out.numel() * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
-        else:
-            total += out.numel() * m.in_features
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    with torch.no_grad():
-        model(torch.empty(1, 3, size, size, device="meta"))
-    for h in handles:
-        h.remove()
-    return total
+    return count_macs(model, torch.empty(1, 3, size, size, device="meta"))
 
 
 def meta_model(name: str, **kwargs) -> nn.Module:

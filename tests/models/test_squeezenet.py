@@ -9,6 +9,7 @@ from torch import nn
 import cnnlab
 from cnnlab import CnnlabError
 from cnnlab.models import squeezenet as sq
+from tests.models._helpers import assert_smallest_input
 from tests.oracle import check_converted, meta_count
 
 
@@ -51,12 +52,7 @@ def test_classifier_is_a_1x1_conv_and_resets():
 @pytest.mark.parametrize("name,smallest", [("squeezenet1_0", 21), ("squeezenet1_1", 17)])
 def test_min_input_size_is_exact(name, smallest):
     # torchvision's weights metadata gives the same minimum sizes (21 and 17)
-    model = cnnlab.create_model(name, num_classes=3).eval()
-    assert model.min_input_size == smallest
-    with torch.no_grad():
-        assert model(torch.randn(1, 3, smallest, smallest)).shape == (1, 3)
-        with pytest.raises(RuntimeError):
-            model.forward_features(torch.randn(1, 3, smallest - 1, smallest - 1))
+    assert_smallest_input(name, smallest)
 
 
 def test_stages_and_strides_match_table_1():

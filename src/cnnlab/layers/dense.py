@@ -124,11 +124,11 @@ class DenseBlock(nn.Module):
         return torch.cat(features, 1)
 
 
-class Transition(nn.Sequential):
+class Transition(NormActConv):
     """Between dense blocks: BN-ReLU-1x1 conv to ``out_channels``, then 2x2 average pooling (stride 2).
 
     DenseNet-C compresses with ``out_channels = floor(theta * in_channels)``, theta = 0.5.
-    Children: ``norm``, ``act``, ``conv``, ``pool``.
+    A 1x1 ``NormActConv`` (children ``norm``, ``act``, ``conv``) followed by ``pool``.
     """
 
     def __init__(
@@ -138,9 +138,6 @@ class Transition(nn.Sequential):
         norm_layer: LayerFactory = nn.BatchNorm2d,
         act_layer: LayerFactory = nn.ReLU,
     ) -> None:
-        super().__init__()
-        self.norm = norm_layer(in_channels)
-        self.act = make_act(act_layer)
-        self.conv = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        super().__init__(in_channels, out_channels, 1, norm_layer=norm_layer, act_layer=act_layer)
         self.pool = nn.AvgPool2d(2, stride=2)
         self.out_channels = out_channels

@@ -58,9 +58,18 @@ def projection_shortcut(
 
 
 class _PostActBlock(nn.Module):
-    """Shared forward of the post-activation blocks: the sum of both paths, then the activation."""
+    """What the post-activation blocks share: a subclass passes its branch's convs (ConvNormAct,
+    named ``conv1``, ``conv2``, ... here); attention, stochastic depth, shortcut and act are common."""
 
-    # subclasses set residual (nn.Sequential), shortcut and act
+    def __init__(self, convs: list[nn.Module], in_channels: int, out_channels: int, stride: int,
+                 norm_layer: LayerFactory | None, act_layer: LayerFactory, attn_layer: LayerFactory | None,
+                 drop_path: float) -> None:
+        super().__init__()
+        named = [(f"conv{i}", conv) for i, conv in enumerate(convs, start=1)]
+        self.residual = nn.Sequential(OrderedDict(named + _tail(attn_layer, out_channels, drop_path)))
+        self.shortcut = projection_shortcut(in_channels, out_channels, stride, norm_layer)
+        self.act = make_act(act_layer)
+        self.out_channels = out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.residual(x) + self.shortcut(x))
@@ -106,23 +115,18 @@ class BasicBlock(_PostActBlock):
         attn_layer: LayerFactory | None = None,
         drop_path: float = 0.0,
     ) -> None:
-        super().__init__()
         if groups != 1 or base_width != 64:
             raise CnnlabError(
                 f"BasicBlock supports groups=1 and base_width=64 only, got groups={groups}, base_width={base_width}; "
                 "grouped (ResNeXt) and wide variants use Bottleneck"
             )
         first_dilation = first_dilation or dilation
-        self.residual = nn.Sequential(OrderedDict([
-            ("conv1", ConvNormAct(in_channels, out_channels, 3, stride, dilation=first_dilation,
-                                  norm_layer=norm_layer, act_layer=act_layer)),
-            ("conv2", ConvNormAct(out_channels, out_channels, 3, dilation=dilation,
-                                  norm_layer=norm_layer, act_layer=None)),
-            *_tail(attn_layer, out_channels, drop_path),
-        ]))
-        self.shortcut = projection_shortcut(in_channels, out_channels, stride, norm_layer)
-        self.act = make_act(act_layer)
-        self.out_channels = out_channels
+        convs = [
+            ConvNormAct(in_channels, out_channels, 3, stride, dilation=first_dilation,
+                        norm_layer=norm_layer, act_layer=act_layer),
+            ConvNormAct(out_channels, out_channels, 3, dilation=dilation, norm_layer=norm_layer, act_layer=None),
+        ]
+        super().__init__(convs, in_channels, out_channels, stride, norm_layer, act_layer, attn_layer, drop_path)
 
 
 class Bottleneck(_PostActBlock):
@@ -160,21 +164,17 @@ class Bottleneck(_PostActBlock):
         attn_layer: LayerFactory | None = None,
         drop_path: float = 0.0,
     ) -> None:
-        super().__init__()
         if out_channels % self.expansion:
             raise CnnlabError(f"Bottleneck out_channels must be a multiple of {self.expansion}, got {out_channels}")
         width = int(out_channels // self.expansion * (base_width / 64.0)) * groups
         first_dilation = first_dilation or dilation
-        self.residual = nn.Sequential(OrderedDict([
-            ("conv1", ConvNormAct(in_channels, width, 1, norm_layer=norm_layer, act_layer=act_layer)),
-            ("conv2", ConvNormAct(width, width, 3, stride, dilation=first_dilation, groups=groups,
-                                  norm_layer=norm_layer, act_layer=act_layer)),
-            ("conv3", ConvNormAct(width, out_channels, 1, norm_layer=norm_layer, act_layer=None)),
-            *_tail(attn_layer, out_channels, drop_path),
-        ]))
-        self.shortcut = projection_shortcut(in_channels, out_channels, stride, norm_layer)
-        self.act = make_act(act_layer)
-        self.out_channels = out_channels
+        convs = [
+            ConvNormAct(in_channels, width, 1, norm_layer=norm_layer, act_layer=act_layer),
+            ConvNormAct(width, width, 3, stride, dilation=first_dilation, groups=groups,
+                        norm_layer=norm_layer, act_layer=act_layer),
+            ConvNormAct(width, out_channels, 1, norm_layer=norm_layer, act_layer=None),
+        ]
+        super().__init__(convs, in_channels, out_channels, stride, norm_layer, act_layer, attn_layer, drop_path)
 
 
 class NormAct(nn.Sequential):
@@ -187,9 +187,30 @@ class NormAct(nn.Sequential):
 
 
 class _PreActBlock(nn.Module):
-    """Shared forward of the pre-activation blocks (He et al. 2016b, Fig. 1b / 4e)."""
+    """What the pre-activation blocks share (He et al. 2016b, Fig. 1b / 4e).
 
-    # subclasses set preact, residual (nn.Sequential), shortcut, and projection (bool: shortcut is a conv)
+    A subclass builds its branch's bare convs and passes them here. The first conv reads
+    the shared ``preact`` (BN-ReLU); every later conv ``i`` gets its own ``norm{i}``,
+    ``act{i}`` in front, and the optional dropout sits just before ``conv2`` (WRN's place,
+    between the two 3x3 convs; the bottleneck's 3x3). Then attention and stochastic depth.
+    The shortcut is the identity or a strided 1x1 conv, without norm.
+    """
+
+    def __init__(self, convs: list[nn.Conv2d], in_channels: int, out_channels: int, stride: int, drop_rate: float,
+                 norm_layer: LayerFactory, act_layer: LayerFactory, attn_layer: LayerFactory | None,
+                 drop_path: float) -> None:
+        super().__init__()
+        self.preact = NormAct(in_channels, norm_layer, act_layer)
+        layers: list[tuple[str, nn.Module]] = [("conv1", convs[0])]
+        for i, conv in enumerate(convs[1:], start=2):
+            layers += [(f"norm{i}", norm_layer(conv.in_channels)), (f"act{i}", make_act(act_layer))]
+            if i == 2 and drop_rate > 0.0:
+                layers.append(("dropout", nn.Dropout(drop_rate)))
+            layers.append((f"conv{i}", conv))
+        self.residual = nn.Sequential(OrderedDict(layers + _tail(attn_layer, out_channels, drop_path)))
+        self.shortcut = _plain_shortcut(in_channels, out_channels, stride)
+        self.projection = not isinstance(self.shortcut, nn.Identity)
+        self.out_channels = out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.preact(x)
@@ -236,20 +257,12 @@ class PreActBasicBlock(_PreActBlock):
         attn_layer: LayerFactory | None = None,
         drop_path: float = 0.0,
     ) -> None:
-        super().__init__()
-        self.preact = NormAct(in_channels, norm_layer, act_layer)
-        layers: list[tuple[str, nn.Module]] = [
-            ("conv1", nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)),
-            ("norm2", norm_layer(out_channels)),
-            ("act2", make_act(act_layer)),
+        convs = [
+            nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False),
+            nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False),
         ]
-        if drop_rate > 0.0:
-            layers.append(("dropout", nn.Dropout(drop_rate)))
-        layers.append(("conv2", nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)))
-        self.residual = nn.Sequential(OrderedDict(layers + _tail(attn_layer, out_channels, drop_path)))
-        self.shortcut = _plain_shortcut(in_channels, out_channels, stride)
-        self.projection = not isinstance(self.shortcut, nn.Identity)
-        self.out_channels = out_channels
+        super().__init__(convs, in_channels, out_channels, stride, drop_rate,
+                         norm_layer, act_layer, attn_layer, drop_path)
 
 
 class PreActBottleneck(_PreActBlock):
@@ -278,25 +291,13 @@ class PreActBottleneck(_PreActBlock):
         attn_layer: LayerFactory | None = None,
         drop_path: float = 0.0,
     ) -> None:
-        super().__init__()
         if out_channels % self.expansion:
             raise CnnlabError(f"PreActBottleneck out_channels must be a multiple of {self.expansion}, got {out_channels}")
         width = out_channels // self.expansion
-        self.preact = NormAct(in_channels, norm_layer, act_layer)
-        layers: list[tuple[str, nn.Module]] = [
-            ("conv1", nn.Conv2d(in_channels, width, 1, bias=False)),
-            ("norm2", norm_layer(width)),
-            ("act2", make_act(act_layer)),
+        convs = [
+            nn.Conv2d(in_channels, width, 1, bias=False),
+            nn.Conv2d(width, width, 3, stride, 1, bias=False),
+            nn.Conv2d(width, out_channels, 1, bias=False),
         ]
-        if drop_rate > 0.0:
-            layers.append(("dropout", nn.Dropout(drop_rate)))
-        layers += [
-            ("conv2", nn.Conv2d(width, width, 3, stride, 1, bias=False)),
-            ("norm3", norm_layer(width)),
-            ("act3", make_act(act_layer)),
-            ("conv3", nn.Conv2d(width, out_channels, 1, bias=False)),
-        ]
-        self.residual = nn.Sequential(OrderedDict(layers + _tail(attn_layer, out_channels, drop_path)))
-        self.shortcut = _plain_shortcut(in_channels, out_channels, stride)
-        self.projection = not isinstance(self.shortcut, nn.Identity)
-        self.out_channels = out_channels
+        super().__init__(convs, in_channels, out_channels, stride, drop_rate,
+                         norm_layer, act_layer, attn_layer, drop_path)

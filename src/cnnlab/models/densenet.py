@@ -25,6 +25,7 @@ from torch import nn
 from cnnlab._errors import CnnlabError
 from cnnlab.layers import ConvNormAct, get_act_layer, get_norm_layer, init_weights, make_act
 from cnnlab.layers.dense import DenseBlock, Transition
+from cnnlab.models._convert import replace_prefix
 from cnnlab.models.base import Classifier, FeatureInfo
 from cnnlab.models.registry import Family, StateDict, register_model
 
@@ -150,10 +151,7 @@ def convert_torchvision(state_dict: StateDict) -> StateDict:
         elif m := _TV_TRANSITION.match(key):
             new = f"stages.{m.group(1)}.transition.{m.group(2)}.{m.group(3)}"
         else:
-            prefix = next((p for p in _TV_FIXED if key.startswith(p)), None)
-            if prefix is None:
-                raise KeyError(f"not a torchvision DenseNet key: {key}")
-            new = _TV_FIXED[prefix] + key[len(prefix):]
+            new = replace_prefix(key, _TV_FIXED, "torchvision DenseNet")
         out[new] = value
     return add_missing_num_batches_tracked(out)
 

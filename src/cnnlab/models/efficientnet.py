@@ -21,12 +21,12 @@ from functools import partial
 from torch import nn
 
 from cnnlab.layers import make_divisible
+from cnnlab.models._convert import rename_keys
 from cnnlab.models.mobilenet import (
     TORCHVISION_CNA,
     MBConvNet,
     MBConvStage,
     convert_timm_mbconvnet,
-    rename_keys,
     scale_stages,
     torchvision_stem_head_rules,
 )

@@ -16,8 +16,9 @@ from torch import nn
 
 from cnnlab._errors import CnnlabError
 from cnnlab.layers import make_divisible
-from cnnlab.models.mobilenet import MBConvNet, MBConvStage, convert_timm_mbconvnet, rename_keys, scale_stages
-from cnnlab.models.registry import Family, StateDict, register_model
+from cnnlab.models._convert import rename_keys
+from cnnlab.models.mobilenet import MBConvNet, MBConvStage, convert_timm_mbconvnet, scale_stages
+from cnnlab.models.registry import Family, StateDict, overwrite_param, register_model
 
 # The TF reference's BN decay 0.9997, in PyTorch's convention (momentum = 1 - decay).
 BN_MOMENTUM = 1 - 0.9997
@@ -105,34 +106,41 @@ def mnasnet(alpha: float, table: tuple[MBConvStage, ...] = MNASNET_B1_STAGES, **
     return MnasNet(**kwargs)
 
 
+def _variant(alpha: float, table: tuple[MBConvStage, ...], kwargs: dict) -> MnasNet:
+    """A registered width: a caller's conflicting ``alpha`` or ``table`` is an error, not a TypeError."""
+    overwrite_param(kwargs, "alpha", alpha)
+    overwrite_param(kwargs, "table", table)
+    return mnasnet(**kwargs)
+
+
 @register_model(MNASNET, pretrained={"torchvision": "mnasnet0_5"}, notes="MnasNet-B1, width 0.5")
 def mnasnet0_5(**kwargs) -> MnasNet:
-    return mnasnet(0.5, **kwargs)
+    return _variant(0.5, MNASNET_B1_STAGES, kwargs)
 
 
 @register_model(MNASNET, pretrained={"torchvision": "mnasnet0_75"}, notes="MnasNet-B1, width 0.75")
 def mnasnet0_75(**kwargs) -> MnasNet:
-    return mnasnet(0.75, **kwargs)
+    return _variant(0.75, MNASNET_B1_STAGES, kwargs)
 
 
 @register_model(MNASNET, pretrained={"torchvision": "mnasnet1_0", "timm": "mnasnet_100"},
                 notes="MnasNet-B1, width 1.0 (4.4M parameters)")
 def mnasnet1_0(**kwargs) -> MnasNet:
-    return mnasnet(1.0, **kwargs)
+    return _variant(1.0, MNASNET_B1_STAGES, kwargs)
 
 
 @register_model(MNASNET, pretrained={"torchvision": "mnasnet1_3"}, notes="MnasNet-B1, width 1.3")
 def mnasnet1_3(**kwargs) -> MnasNet:
-    return mnasnet(1.3, **kwargs)
+    return _variant(1.3, MNASNET_B1_STAGES, kwargs)
 
 
 # Paper parameter count: Tan et al. 2019, Table 1 (MnasNet-A1: 3.9M parameters, 312M multiply-adds).
 @register_model(MNASNET, pretrained={"timm": "semnasnet_100"},
                 notes="MnasNet-A1 (Fig. 7, with SE), width 1.0: 3.9M parameters")
 def semnasnet_100(**kwargs) -> MnasNet:
-    return mnasnet(1.0, MNASNET_A1_STAGES, **kwargs)
+    return _variant(1.0, MNASNET_A1_STAGES, kwargs)
 
 
 @register_model(MNASNET, pretrained={"timm": "semnasnet_075"}, notes="MnasNet-A1 (Fig. 7, with SE), width 0.75")
 def semnasnet_075(**kwargs) -> MnasNet:
-    return mnasnet(0.75, MNASNET_A1_STAGES, **kwargs)
+    return _variant(0.75, MNASNET_A1_STAGES, kwargs)

@@ -7,7 +7,6 @@ build from their own tables (see ``efficientnet.py``, ``mnasnet.py``).
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
@@ -19,6 +18,7 @@ from cnnlab._errors import CnnlabError
 from cnnlab.layers import ConvNormAct, SqueezeExcite, get_act_layer, init_weights, make_divisible
 from cnnlab.layers.conv import LayerFactory
 from cnnlab.layers.mbconv import DepthwiseSeparableBlock, MBConv
+from cnnlab.models._convert import rename_keys
 from cnnlab.models.base import Classifier, FeatureInfo
 from cnnlab.models.registry import Family, StateDict, overwrite_param, register_model
 
@@ -248,20 +248,6 @@ MOBILENET_V2_STAGES = (
 # ----------------------------------------------------------------------------------------------
 # Converters: torchvision / timm state_dicts -> cnnlab
 # ----------------------------------------------------------------------------------------------
-
-
-def rename_keys(state_dict: StateDict, rules: Sequence[tuple[str, str]]) -> StateDict:
-    """Rename every key by the first matching ``(regex, replacement)``; a key no rule matches raises KeyError."""
-    out = {}
-    for key, value in state_dict.items():
-        for pattern, repl in rules:
-            new, n = re.subn(f"^{pattern}$", repl, key)
-            if n:
-                out[new] = value
-                break
-        else:
-            raise KeyError(f"unexpected key {key!r}")
-    return out
 
 
 _BN = r"(weight|bias|running_mean|running_var|num_batches_tracked)"

@@ -24,6 +24,7 @@ from torch import nn
 from cnnlab._errors import CnnlabError
 from cnnlab.layers import ConvNormAct, get_act_layer, get_norm_layer, init_weights, make_divisible
 from cnnlab.layers.shuffle import ShuffleUnitV1, ShuffleUnitV2
+from cnnlab.models._convert import replace_prefix
 from cnnlab.models.base import Classifier, FeatureInfo
 from cnnlab.models.registry import Family, StateDict, overwrite_param, register_model
 
@@ -212,10 +213,7 @@ def convert_torchvision_v2(state_dict: StateDict) -> StateDict:
             part = "shortcut." + _TV_BRANCH1[index] if branch == "1" else "branch." + _TV_BRANCH2[index]
             new = f"stages.{int(stage) - 2}.{unit}.{part}.{rest}"
         else:
-            prefix = next((p for p in _TV_FIXED if key.startswith(p)), None)
-            if prefix is None:
-                raise KeyError(f"not a torchvision ShuffleNetV2 key: {key}")
-            new = _TV_FIXED[prefix] + key[len(prefix):]
+            new = replace_prefix(key, _TV_FIXED, "torchvision ShuffleNetV2")
         out[new] = value
     return out
 
@@ -235,34 +233,34 @@ SHUFFLENET_V2 = Family(
 )
 
 
+def _shufflenet_v1(groups: int, kwargs: dict) -> ShuffleNetV1:
+    overwrite_param(kwargs, "groups", groups)  # the variant is its group count; ShuffleNetV1(groups=...) for others
+    return ShuffleNetV1(**kwargs)
+
+
 @register_model(SHUFFLENET_V1, notes="ShuffleNet 1x, g=1 (Table 1): 143 MFLOPs.")
 def shufflenet_v1_g1(**kwargs) -> ShuffleNetV1:
-    overwrite_param(kwargs, "groups", 1)  # the variant is its group count
-    return ShuffleNetV1(**kwargs)
+    return _shufflenet_v1(1, kwargs)
 
 
 @register_model(SHUFFLENET_V1, notes="ShuffleNet 1x, g=2 (Table 1): 140 MFLOPs.")
 def shufflenet_v1_g2(**kwargs) -> ShuffleNetV1:
-    overwrite_param(kwargs, "groups", 2)  # the variant is its group count
-    return ShuffleNetV1(**kwargs)
+    return _shufflenet_v1(2, kwargs)
 
 
 @register_model(SHUFFLENET_V1, notes="ShuffleNet 1x, g=3 (Table 1): 137 MFLOPs, 1.9M parameters (megvii's release).")
 def shufflenet_v1_g3(**kwargs) -> ShuffleNetV1:
-    overwrite_param(kwargs, "groups", 3)  # the variant is its group count
-    return ShuffleNetV1(**kwargs)
+    return _shufflenet_v1(3, kwargs)
 
 
 @register_model(SHUFFLENET_V1, notes="ShuffleNet 1x, g=4 (Table 1): 133 MFLOPs.")
 def shufflenet_v1_g4(**kwargs) -> ShuffleNetV1:
-    overwrite_param(kwargs, "groups", 4)  # the variant is its group count
-    return ShuffleNetV1(**kwargs)
+    return _shufflenet_v1(4, kwargs)
 
 
 @register_model(SHUFFLENET_V1, notes="ShuffleNet 1x, g=8 (Table 1): 137 MFLOPs, 2.4M parameters (megvii's release).")
 def shufflenet_v1_g8(**kwargs) -> ShuffleNetV1:
-    overwrite_param(kwargs, "groups", 8)  # the variant is its group count
-    return ShuffleNetV1(**kwargs)
+    return _shufflenet_v1(8, kwargs)
 
 
 @register_model(SHUFFLENET_V2, pretrained={"torchvision": "shufflenet_v2_x0_5"}, notes="Table 5, 0.5x: 41 MFLOPs, 1.4M parameters.")

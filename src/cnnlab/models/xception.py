@@ -30,6 +30,7 @@ from torch import nn
 
 from cnnlab._errors import CnnlabError
 from cnnlab.layers import ConvNormAct, SeparableConv2d, get_act_layer, get_norm_layer, init_weights, make_act
+from cnnlab.models._convert import replace_prefix
 from cnnlab.models.base import Classifier, FeatureInfo
 from cnnlab.models.registry import Family, StateDict, register_model
 
@@ -235,10 +236,7 @@ def convert_timm(state_dict: StateDict) -> StateDict:
         elif m := _TIMM_SKIP.match(key):
             new = f"{_timm_block_path(int(m.group(1)))}.shortcut.{'conv' if m.group(2) == 'skip' else 'norm'}.{m.group(3)}"
         else:
-            prefix = next((p for p in _TIMM_FIXED if key.startswith(p)), None)
-            if prefix is None:
-                raise KeyError(f"not a timm legacy_xception key: {key}")
-            new = _TIMM_FIXED[prefix] + key[len(prefix):]
+            new = replace_prefix(key, _TIMM_FIXED, "timm legacy_xception")
         out[new] = value
     return out
 
