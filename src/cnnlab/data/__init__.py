@@ -7,9 +7,10 @@ from cnnlab.data.datasets import DATASETS, TensorDataset, load_dataset
 from cnnlab.data.folder import ImageFolder, read_image
 from cnnlab.data.loader import TensorLoader
 from cnnlab.data.preprocess import Normalize, PCAWhiten
+from cnnlab.data.samples import load_image_or_sample, sample_images
 
 __all__ = [
     "DATASETS", "ColorJitter", "Compose", "CutMix", "Cutout", "ImageFolder", "LabelChangeWarning", "Mixup", "Normalize",
     "PCAWhiten", "RandomAffine", "RandomCrop", "RandomFlip", "RandomResizedCrop", "TensorDataset", "TensorLoader",
-    "load_dataset", "read_image",
+    "load_dataset", "load_image_or_sample", "read_image", "sample_images",
 ]
