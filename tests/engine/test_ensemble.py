@@ -12,11 +12,21 @@ from PIL import Image
 from cnnlab._errors import CnnlabError
 from cnnlab.cli.main import main
 from cnnlab.engine import TrainConfig, apply_overrides, train
+from cnnlab.engine import ensemble as ensemble_module
 from cnnlab.engine import trainer as trainer_module
 from cnnlab.engine.data_setup import build_data
 from cnnlab.engine.ensemble import (
-    bootstrap_data, bootstrap_indices, evaluate_ensemble, load_member, predict_proba, train_bagged,
+    bootstrap_data,
+    bootstrap_indices,
+    evaluate_ensemble,
+    load_member,
+    predict_proba,
+    resume_bagged,
+    train_bagged,
 )
+
+from ._tiny import register_tiny
+from ._tiny import tiny_config as tiny_run_config
 
 
 def tiny_config(out_dir, name: str = "", seed: int = 0) -> TrainConfig:
@@ -117,3 +127,55 @@ def test_train_bagged(tmp_path, capsys):
         train_bagged(tiny_config(tmp_path, "bag"), 2)
     with pytest.raises(CnnlabError, match="at least 1 member"):
         train_bagged(tiny_config(tmp_path, "bag2"), 0)
+
+
+def test_interrupted_bagging_resumes_to_the_same_bag(tmp_path, monkeypatch, capsys):
+    """Killed inside member 1: member 0 is reused, member 1 continues from its checkpoint, the bag ends identical."""
+    register_tiny(monkeypatch)
+    whole = train_bagged(tiny_run_config(tmp_path, "whole", epochs=2), 3)
+    calls = []
+
+    def interrupting(config, **kwargs):
+        calls.append((config.name, kwargs.get("resume")))
+        if config.name == "member1" and not kwargs.get("resume"):
+            def stop(row):
+                raise KeyboardInterrupt  # as Ctrl-C would, after the first epoch's checkpoint
+            return trainer_module.train(config, callbacks=[stop], **kwargs)
+        return trainer_module.train(config, **kwargs)
+
+    monkeypatch.setattr(ensemble_module, "train", interrupting)
+    cut = tiny_run_config(tmp_path, "cut", epochs=2)
+    with pytest.raises(KeyboardInterrupt):
+        train_bagged(cut, 3)
+    saved = json.loads((tmp_path / "cut" / "bagging.json").read_text())
+    assert saved["status"] == "training" and saved["n"] == 3 and [m["run"][-7:] for m in saved["members"]] == ["member0"]
+    with pytest.raises(CnnlabError, match="already holds a bag of members; continue it with `cnnlab ensemble --resume"):
+        train_bagged(cut, 3)
+    other = tiny_run_config(tmp_path, "cut", epochs=2, momentum=0.5)
+    with pytest.raises(CnnlabError, match=r"n \(saved 3, given 4\); optim.momentum \(saved 0.9, given 0.5\)"):
+        train_bagged(other, 4, resume=True)
+
+    cut.quiet = False
+    bag = train_bagged(cut, 3, resume=True)
+    assert calls[-2:] == [("member1", True), ("member2", False)]  # member0 was not trained again
+    assert torch.equal(bag.ensemble.probabilities, whole.ensemble.probabilities)  # bit for bit on the CPU
+    assert [r.test.accuracy for r in bag.runs] == [r.test.accuracy for r in whole.runs]
+    losses = lambda runs: [[row["train_loss"] for row in r.history] for r in runs]  # noqa: E731
+    assert losses(bag.runs) == losses(whole.runs) and len(losses(bag.runs)[0]) == 2
+    out = capsys.readouterr().out
+    assert "member 1/3 reused" in out and "member 2/3 resumed" in out and "member 3/3 trained" in out and "~" in out
+    summary = json.loads((bag.bag_dir / "bagging.json").read_text())
+    assert summary["status"] == "done" and summary["ensemble"]["test_accuracy"] == bag.ensemble.accuracy
+
+    # the CLI: options given with --resume must agree with bagging.json
+    folder = str(tmp_path / "cut")
+    assert main(["ensemble", "--resume", folder, "--bootstrap", "2", "--epochs", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "--bootstrap 2 (the bag has 3)" in err and "epochs (saved 2, given 3)" in err
+    assert main(["ensemble", "--resume", "--name", "cut", "--out-dir", str(tmp_path), "--bootstrap", "3", "--quiet"]) == 0
+    assert "ensemble (probability average)" in capsys.readouterr().out and len(calls) == 4  # nothing retrained
+    assert main(["ensemble", "--resume"]) == 2 and "needs --name" in capsys.readouterr().err
+    with pytest.raises(CnnlabError, match="older cnnlab"):
+        (tmp_path / "old").mkdir()
+        (tmp_path / "old" / "bagging.json").write_text('{"members": []}')
+        resume_bagged(tmp_path / "old")

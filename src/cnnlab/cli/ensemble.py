@@ -13,9 +13,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "member's and the ensemble's accuracy: `cnnlab ensemble runs/a runs/b runs/c`. With "
                     "--bootstrap N, first train N members on bootstrap samples of the training set (bagging), "
                     "configured like `cnnlab train`: `cnnlab ensemble --bootstrap 5 --model simple_cnn_bn "
-                    "--data fashion_mnist --epochs 5`.")
+                    "--data fashion_mnist --epochs 5 --name bag`. An interrupted bagging continues with "
+                    "`cnnlab ensemble --resume runs/bag` (members already trained are reused).")
     p.add_argument("runs", nargs="*", metavar="RUN", help="run folders written by cnnlab train")
     p.add_argument("--bootstrap", type=int, metavar="N", help="train N members on bootstrap samples, then test them")
+    p.add_argument("--resume", dest="resume_bag", nargs="?", const="", metavar="BAG",
+                   help="continue the interrupted bagging in folder BAG (or the --out-dir/--name folder): finished "
+                        "members are reused, an interrupted one continues from its checkpoint; N and the config come "
+                        "from BAG/bagging.json")
     p.add_argument("--member-weights", dest="member_weights", type=float, nargs="+", metavar="W",
                    help="one weight per member for a weighted average (default: equal)")
     p.add_argument("--json", dest="json_out", metavar="FILE", help="also write the metrics to this JSON file")
@@ -44,7 +49,13 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     from cnnlab.cli._format import table
     from cnnlab.engine.ensemble import evaluate_ensemble, train_bagged
 
-    if args.bootstrap is not None:
+    if args.resume_bag is not None:
+        if args.runs:
+            raise CnnlabError("give either run folders or --resume BAG, not both")
+        bag = _resume(args)
+        result = bag.ensemble
+        print(f"bag folder: {bag.bag_dir}")
+    elif args.bootstrap is not None:
         if args.runs:
             raise CnnlabError("give either run folders or --bootstrap N, not both")
         from cnnlab.cli.train import config_from_args
@@ -67,3 +78,17 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     if args.json_out:
         atomic_write_text(args.json_out, json.dumps(result.to_dict(), indent=2))
     return 0
+
+
+def _resume(args: argparse.Namespace):
+    """Continue a bagging; --bootstrap and the config options, when given, must match its bagging.json."""
+    from cnnlab.cli._resume import config_conflicts, refuse, resume_folder
+    from cnnlab.engine.ensemble import IGNORED_BAG_KEYS, load_bagging, resume_bagged
+
+    folder = resume_folder(args, args.resume_bag)
+    saved = load_bagging(folder)
+    conflicts = [f"--bootstrap {args.bootstrap} (the bag has {saved['n']})"] \
+        if args.bootstrap is not None and args.bootstrap != saved["n"] else []
+    conflicts += config_conflicts(saved["config"], args, IGNORED_BAG_KEYS)
+    refuse(folder, "bagging", conflicts)
+    return resume_bagged(folder, quiet=args.quiet)

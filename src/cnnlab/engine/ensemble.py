@@ -4,6 +4,7 @@
     >>> result = evaluate_ensemble(["runs/a", "runs/b", "runs/c"])      # doctest: +SKIP
     >>> result.member_accuracy, result.accuracy                          # doctest: +SKIP
     >>> bag = train_bagged(config, 5)   # 5 members, each on its own bootstrap sample  # doctest: +SKIP
+    >>> bag = resume_bagged("runs/bag")  # after an interruption: finished members are reused  # doctest: +SKIP
 
 Averaging the softmax outputs of independently trained networks lowers the variance of the
 prediction; the members' errors are partly independent, so the average is usually more
@@ -16,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -32,7 +34,9 @@ from cnnlab.engine.checkpoint import load_checkpoint
 from cnnlab.engine.config import TrainConfig
 from cnnlab.engine.data_setup import DataBundle, build_data
 from cnnlab.engine.distributed import is_main_process
-from cnnlab.engine.trainer import RunResult, build_model, model_channels, resolve_device, train
+from cnnlab.engine.evaluate import evaluate
+from cnnlab.engine.resumable import Progress, config_differences, read_history, read_json, run_state
+from cnnlab.engine.trainer import RunResult, build_model, model_channels, resolve_device, train, use_amp
 
 
 @dataclass
@@ -214,7 +218,8 @@ class BaggingResult:
 
     Args:
         bag_dir: folder holding ``member0``, ``member1``... and ``bagging.json``.
-        runs: each member's RunResult; ensemble: the averaged prediction's metrics.
+        runs: each member's RunResult (a member reused by a resumed bagging is reloaded from its folder and
+            tested again); ensemble: the averaged prediction's metrics.
     """
 
     bag_dir: Path
@@ -222,29 +227,109 @@ class BaggingResult:
     ensemble: EnsembleResult
 
 
-def train_bagged(config: TrainConfig, n: int) -> BaggingResult:
+# config fields that do not change what a member learns: a resumed bagging may differ in them
+IGNORED_BAG_KEYS = ("out_dir", "name", "quiet", "plots")
+
+
+def train_bagged(config: TrainConfig, n: int, *, resume: bool = False) -> BaggingResult:
     """Train ``n`` members of ``config``, member ``i`` with seed ``config.seed + i`` on its own bootstrap sample.
 
     The members go to ``config.out_dir/<name>/member<i>`` (name defaults to ``bag-<model>-<data>-<date>``);
-    ``bagging.json`` there records the seeds and the ensemble's test metrics.
+    ``bagging.json`` there records ``n``, the config and the seeds at the start, each finished member as it
+    ends, and the ensemble's test metrics at the end.
+
+    Args:
+        resume: continue the bag in ``config.out_dir/config.name`` (see :func:`resume_bagged`); ``n`` and
+            ``config`` must equal the saved ones. Finished members are reused, an interrupted one continues
+            from its last checkpoint, the rest are trained: the bag ends as an uninterrupted one would.
     """
     if n < 1:
         raise CnnlabError(f"--bootstrap needs at least 1 member, got {n}")
+    if resume and not config.name:
+        raise CnnlabError("resuming a bag needs its folder: set config.name (or cnnlab ensemble --resume DIR)")
     name = config.name or f"bag-{config.model.name}-{Path(config.data.name).name}-{datetime.now():%Y%m%d-%H%M%S}"
     bag_dir = Path(config.out_dir) / name
-    if (bag_dir / "bagging.json").exists():
-        raise CnnlabError(f"{bag_dir} already holds a bag of members; choose another --name")
-    runs, seeds = [], []
-    for i in range(n):
-        member = copy.deepcopy(config)
-        member.seed, member.out_dir, member.name = config.seed + i, str(bag_dir), f"member{i}"
-        seed = 10_007 + member.seed  # the sample differs from member to member, and from the shuffling
-        seeds.append(seed)
-        if not config.quiet and is_main_process():
-            print(f"bagging: member {i + 1}/{n} on bootstrap sample {seed}", flush=True)
-        runs.append(train(member, data=bootstrap_data(member, seed)))
+    summary: dict[str, Any] = {"version": 1, "status": "training", "n": n, "config": config.to_dict(), "members": [],
+                               "bootstrap_seeds": []}
+    if resume:
+        saved = load_bagging(bag_dir)
+        conflicts = ([f"n (saved {saved['n']}, given {n})"] if saved["n"] != n else []) + \
+            config_differences(saved["config"], config.to_dict(), IGNORED_BAG_KEYS)
+        if conflicts:
+            raise CnnlabError(f"{bag_dir / 'bagging.json'} was started with other settings: {'; '.join(conflicts)}. "
+                              "Resume with the saved ones (cnnlab ensemble --resume DIR takes them from the file)")
+    elif (bag_dir / "bagging.json").exists():
+        raise CnnlabError(f"{bag_dir} already holds a bag of members; continue it with `cnnlab ensemble --resume "
+                          f"{bag_dir}` (train_bagged(..., resume=True)) or choose another --name")
+    main = is_main_process()  # under torchrun every rank trains the same members; rank 0 writes
+    if main and not resume:
+        bag_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(bag_dir / "bagging.json", json.dumps(summary, indent=2))
+    say = (lambda text: print(text, flush=True)) if not config.quiet and main else (lambda text: None)
+    runs: list[RunResult] = []
+    progress = Progress(n * config.epochs)
+    try:
+        for i in range(n):
+            member = copy.deepcopy(config)
+            member.seed, member.out_dir, member.name = config.seed + i, str(bag_dir), f"member{i}"
+            seed = 10_007 + member.seed  # the sample differs from member to member, and from the shuffling
+            state, start = run_state(bag_dir / member.name) if resume else ("new", 0)
+            t0 = time.perf_counter()
+            if state == "done":
+                run, how = reload_run(bag_dir / member.name, member), "reused"
+            else:
+                say(f"bagging: member {i + 1}/{n} on bootstrap sample {seed}"
+                    + (f" (resumed at epoch {start})" if state == "partial" else ""))
+                run = train(member, data=bootstrap_data(member, seed), resume=state == "partial")
+                how = "resumed" if state == "partial" else "trained"
+            runs.append(run)
+            progress.finished(config.epochs, len(run.history) - start if state != "done" else 0, time.perf_counter() - t0)
+            summary["members"].append({"run": str(run.run_dir), "test_accuracy": run.test.accuracy if run.test else None,
+                                       "bootstrap_seed": seed})
+            summary["bootstrap_seeds"].append(seed)
+            if main:
+                atomic_write_text(bag_dir / "bagging.json", json.dumps(summary, indent=2))
+            acc = f"test acc {run.test.accuracy:.4f}" if run.test else ""
+            say(f"bagging: member {i + 1}/{n} {how}: {acc}  [{progress.line()}]")
+    except KeyboardInterrupt:
+        say(f"bagging interrupted; continue it with: cnnlab ensemble --resume {bag_dir}")
+        raise
     result = evaluate_ensemble([r.run_dir for r in runs], device=config.device)
-    summary = {"members": [str(r.run_dir) for r in runs], "bootstrap_seeds": seeds, **result.to_dict()}
-    if is_main_process():  # under torchrun every rank trains the same members; rank 0 writes
+    summary = {"version": 1, "status": "done", "n": n, "config": config.to_dict(),
+               "bootstrap_seeds": summary["bootstrap_seeds"], **result.to_dict()}
+    if main:
         atomic_write_text(bag_dir / "bagging.json", json.dumps(summary, indent=2))
     return BaggingResult(bag_dir, runs, result)
+
+
+def resume_bagged(bag_dir: str | os.PathLike, *, quiet: bool | None = None) -> BaggingResult:
+    """Continue the bag in ``bag_dir`` with the member count and config saved in its ``bagging.json``."""
+    bag_dir = Path(bag_dir)
+    saved = load_bagging(bag_dir)
+    config = TrainConfig.from_dict(saved["config"])
+    config.out_dir, config.name = str(bag_dir.parent), bag_dir.name
+    if quiet is not None:
+        config.quiet = quiet
+    return train_bagged(config, int(saved["n"]), resume=True)
+
+
+def load_bagging(bag_dir: str | os.PathLike) -> dict[str, Any]:
+    """What a bagging saved in ``bag_dir/bagging.json`` (``n``, ``config``, members so far)."""
+    saved = read_json(Path(bag_dir) / "bagging.json", "a bag folder")
+    if "n" not in saved or "config" not in saved:
+        raise CnnlabError(f"{Path(bag_dir) / 'bagging.json'} was written by an older cnnlab (no n and config in it); "
+                          "it cannot be resumed")
+    return saved
+
+
+def reload_run(run_dir: Path, config: TrainConfig) -> RunResult:
+    """A finished run read back from its folder: history, results and its reported model, tested again."""
+    results = read_json(run_dir / "results.json", "a finished run")
+    device = resolve_device(config.device)
+    member = load_member(run_dir, device)
+    data = build_data(config.data, device, seed=config.seed, channels_last=config.model.channels_last,
+                      in_channels=member.input_channels)
+    test = evaluate(member.model, data.test, data.num_classes, amp=use_amp(config.amp, device), tta_flip=config.tta_flip)
+    return RunResult(run_dir, member.config, read_history(run_dir), test, member.model, list(results.get("classes", [])),
+                     int(results.get("best_epoch", 0)), bool(results.get("stopped_early", False)),
+                     float(results.get("wall_s", 0.0)), float(results.get("cpu_s", 0.0)))

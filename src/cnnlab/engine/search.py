@@ -12,6 +12,10 @@ Round 1 samples the whole space with short runs (``epochs[0]``); each later roun
 range around the best trial so far (its width times ``shrink``, centred on the best value, in
 log space for log ranges) and fixes the choices to the best one, then trains longer. Trials are
 scored on the validation split (``val_acc`` or ``val_loss``, best epoch), never on the test split.
+
+The search folder gets ``search.json`` (the arguments) first, and ``search.csv``/``best.json`` are
+rewritten after every trial; ``resume_search(folder)`` (``cnnlab search --resume``) continues a
+killed search: the proposals depend only on the seed and the scores, so they come out the same.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from cnnlab._errors import CnnlabError
 from cnnlab._io import atomic_savefig, atomic_write_text
 from cnnlab.engine.config import TrainConfig, apply_overrides
 from cnnlab.engine.distributed import is_main_process
+from cnnlab.engine.resumable import Progress, config_differences, read_history, read_json, run_state
 from cnnlab.engine.trainer import TrainingDiverged, train
 
 _RANGE = re.compile(r"^\s*(uniform|loguniform|int)\s*\(\s*([^,]+?)\s*,\s*([^,]+?)\s*\)\s*$")
@@ -155,6 +160,8 @@ class Trial:
         round, index: its place in the search; params: searched key -> value (``--set`` text).
         epochs: its training length; score: the metric (NaN when it diverged); status: ``ok`` or ``diverged``.
         val_acc, val_loss: at the best epoch by the metric; train_loss: at that epoch.
+        source: ``run`` (trained now), ``resumed`` (continued from its last checkpoint) or ``read``
+            (finished before and read back from its folder by a resumed search).
     """
 
     round: int
@@ -169,6 +176,7 @@ class Trial:
     best_epoch: int = 0
     status: str = "pending"
     time_s: float = 0.0
+    source: str = "run"
     history: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
 
@@ -208,8 +216,8 @@ def propose(space: Sequence[Dimension], strategy: str, trials: int, grid_points:
 
 def search(base: TrainConfig, space: Sequence[Dimension], *, strategy: str = "random", trials: int | Sequence[int] = 8,
            epochs: Sequence[int] = (1, 3), metric: str = "val_acc", shrink: float = 0.25, grid_points: int = 3,
-           seed: int = 0, name: str = "", plot: bool = True) -> SearchResult:
-    """Run the rounds of a coarse-to-fine search and write ``search.csv`` and ``search.png``.
+           seed: int = 0, name: str = "", plot: bool = True, resume: bool = False) -> SearchResult:
+    """Run the rounds of a coarse-to-fine search; ``search.csv`` and ``best.json`` are rewritten after every trial.
 
     Args:
         base: the config every trial starts from (its ``epochs`` is replaced by each round's); without
@@ -222,6 +230,9 @@ def search(base: TrainConfig, space: Sequence[Dimension], *, strategy: str = "ra
         metric: ``val_acc`` (higher is better) or ``val_loss``; shrink: width factor of each refinement.
         seed: of the random proposals (every trial trains with ``base.seed``: same initial weights).
         name: the search folder under ``base.out_dir`` (default ``search-<model>-<data>-<date>``).
+        resume: continue the search in that folder (see :func:`resume_search`): the arguments must equal
+            those saved in its ``search.json``; finished trials are read back, an interrupted one continues
+            from its last checkpoint, the rest run. The result equals an uninterrupted search's.
     """
     space = list(space)
     if metric not in ("val_acc", "val_loss"):
@@ -236,43 +247,146 @@ def search(base: TrainConfig, space: Sequence[Dimension], *, strategy: str = "ra
         raise CnnlabError(f"search shrink must be in (0, 1], got {shrink}")
     if grid_points < 1:
         raise CnnlabError(f"grid points must be at least 1, got {grid_points}")
-    base = copy.deepcopy(base)
-    if base.data.val_fraction == 0:
-        base.data.val_fraction = 0.1  # trials are compared on held-out training images, never on the test split
-        if not base.quiet:
-            print("search: no validation split configured; holding out data.val_fraction=0.1 of the training set")
+    if strategy not in ("random", "grid"):
+        raise CnnlabError(f"unknown search strategy {strategy!r}; choose grid or random")
+    base = prepare_base(base)
+    if resume and not (name or base.name):
+        raise CnnlabError("resuming a search needs its folder: pass name=... (or cnnlab search --resume DIR)")
     search_dir = Path(base.out_dir) / (name or base.name or
                                        f"search-{base.model.name}-{Path(base.data.name).name}-{datetime.now():%Y%m%d-%H%M%S}")
-    if (search_dir / "search.csv").exists():
-        raise CnnlabError(f"{search_dir} already holds a search; choose another name")
-    rng = random.Random(seed)
+    arguments = {"version": 1, "space": [_dim_to_dict(d) for d in space], "strategy": strategy, "trials": per_round,
+                 "epochs": [int(e) for e in epochs], "metric": metric, "shrink": float(shrink),
+                 "grid_points": int(grid_points), "seed": int(seed), "base": base.to_dict()}
+    if resume:
+        conflicts = argument_conflicts(load_arguments(search_dir), arguments)
+        if conflicts:
+            raise CnnlabError(f"{search_dir / 'search.json'} was started with other arguments: {'; '.join(conflicts)}. "
+                              "Resume with the saved ones (cnnlab search --resume DIR takes them from the file)")
+    elif (search_dir / "search.json").exists() or (search_dir / "search.csv").exists():
+        raise CnnlabError(f"{search_dir} already holds a search; continue it with `cnnlab search --resume {search_dir}` "
+                          "(search(..., resume=True)) or choose another name")
+    elif is_main_process():  # saved first: a search killed at any later point can be resumed
+        search_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(search_dir / "search.json", json.dumps(arguments, indent=2))
+    try:
+        return _run_search(base, space, strategy, per_round, list(epochs), metric, shrink, grid_points, seed,
+                           search_dir, plot, resume)
+    except KeyboardInterrupt:
+        _say(base, f"search interrupted; search.csv holds the finished trials. Continue it with: "
+                   f"cnnlab search --resume {search_dir}")
+        raise
+
+
+def _run_search(base: TrainConfig, space: list[Dimension], strategy: str, per_round: list[int], epochs: list[int],
+                metric: str, shrink: float, grid_points: int, seed: int, search_dir: Path, plot: bool,
+                resume: bool) -> SearchResult:
+    rounds, keys = len(epochs), [d.key for d in space]
+    csv_path = search_dir / "search.csv"
+    rng = random.Random(seed)  # the proposals depend on the seed and the scores only: a resume recomputes them
     done: list[Trial] = []
     best: Trial | None = None
+    progress = Progress(0)
     for r, round_epochs in enumerate(epochs, start=1):
         if best is not None:
             space = [d.narrow(best.params[d.key], shrink) for d in space]
         proposals = propose(space, strategy, per_round[r - 1], grid_points, rng)
         configs = [_trial_config(base, p, round_epochs, search_dir, r, i) for i, p in enumerate(proposals)]
+        # later rounds' sizes: a grid's narrowed choices count once (numeric ranges may dedupe: an estimate)
+        later = [per_round[k] if strategy == "random" else
+                 math.prod(1 if d.kind == "choice" else len(d.grid(grid_points)) for d in space) for k in range(r, rounds)]
+        total = len(done) + len(configs) + sum(later)
+        progress.plan(sum(t.epochs for t in done) + len(configs) * round_epochs
+                      + sum(n * e for n, e in zip(later, epochs[r:])))
         _say(base, f"search round {r}/{rounds}: {len(configs)} trials of {round_epochs} epoch(s) over "
                    + "; ".join(d.describe() for d in space))
         for i, (params, config) in enumerate(zip(proposals, configs)):
-            trial = _run_trial(config, params, r, i, metric)
+            trial, trained = _get_trial(config, params, r, i, metric, resume)
             done.append(trial)
+            progress.finished(trial.epochs, trained, trial.time_s)
             mark = ""
             if best is None or _better(metric, trial.score, best.score):
                 best, mark = trial, "  (best so far)"
+            if is_main_process():  # under torchrun every rank runs the same trials; rank 0 writes
+                write_table(csv_path, done, keys)
+                atomic_write_text(search_dir / "best.json", json.dumps(
+                    {"metric": metric, "score": best.score, "params": best.params, "run_dir": str(best.run_dir),
+                     "trials_done": len(done), "trials_planned": total}, indent=2))
             shown = " ".join(f"{k}={v}" for k, v in params.items())
-            _say(base, f"  r{r} t{i:02d} {shown} -> {metric} {trial.score:.4f} ({trial.status}, {trial.time_s:.0f} s){mark}")
+            how = {"run": f"{trial.time_s:.0f} s", "resumed": f"resumed, {trial.time_s:.0f} s", "read": "read back"}
+            approx = "~" if strategy == "grid" and r < rounds else ""
+            _say(base, f"  trial {len(done)}/{approx}{total} r{r} t{i:02d} {shown} -> {metric} {trial.score:.4f} "
+                       f"({trial.status}, {how[trial.source]}){mark}  [{progress.line()}]")
     assert best is not None
-    csv_path, plot_path = search_dir / "search.csv", (search_dir / "search.png") if plot else None
-    if is_main_process():  # under torchrun every rank runs the same trials; rank 0 writes
-        search_dir.mkdir(parents=True, exist_ok=True)
-        write_table(csv_path, done, [d.key for d in space])
-        atomic_write_text(search_dir / "best.json", json.dumps(
-            {"metric": metric, "score": best.score, "params": best.params, "run_dir": str(best.run_dir)}, indent=2))
-        if plot_path is not None:
-            plot_search(plot_path, done, space, metric)
+    plot_path = (search_dir / "search.png") if plot else None
+    if is_main_process() and plot_path is not None:
+        plot_search(plot_path, done, space, metric)
     return SearchResult(done, best, search_dir, csv_path, plot_path, metric)
+
+
+def resume_search(search_dir: str | Path, *, quiet: bool | None = None, plot: bool = True) -> SearchResult:
+    """Continue the search in ``search_dir`` with the arguments saved in its ``search.json``.
+
+    Finished trials (``results.json`` in their folder) are read back without training, an
+    interrupted one continues from its last checkpoint, the others run; the table ends as an
+    uninterrupted search's would (same proposals, scores and best).
+    """
+    search_dir = Path(search_dir)
+    saved = load_arguments(search_dir)
+    base = TrainConfig.from_dict(saved["base"])
+    base.out_dir, base.name = str(search_dir.parent), search_dir.name
+    if quiet is not None:
+        base.quiet = quiet
+    space = [_dim_from_dict(d) for d in saved["space"]]
+    return search(base, space, strategy=saved["strategy"], trials=saved["trials"], epochs=saved["epochs"],
+                  metric=saved["metric"], shrink=saved["shrink"], grid_points=saved["grid_points"], seed=saved["seed"],
+                  name=search_dir.name, plot=plot, resume=True)
+
+
+def prepare_base(base: TrainConfig) -> TrainConfig:
+    """A copy of ``base`` with a validation split (10% of the training split when it has none)."""
+    base = copy.deepcopy(base)
+    if base.data.val_fraction == 0:
+        base.data.val_fraction = 0.1  # trials are compared on held-out training images, never on the test split
+        if not base.quiet and is_main_process():
+            print("search: no validation split configured; holding out data.val_fraction=0.1 of the training set")
+    return base
+
+
+def load_arguments(search_dir: Path) -> dict[str, Any]:
+    """The arguments a search saved in ``search_dir/search.json``."""
+    saved = read_json(Path(search_dir) / "search.json", "a search folder")
+    missing = [k for k in ("space", "strategy", "trials", "epochs", "metric", "shrink", "grid_points", "seed", "base")
+               if k not in saved]
+    if missing:
+        raise CnnlabError(f"{search_dir / 'search.json'} lacks {', '.join(missing)}; it cannot be resumed")
+    return saved
+
+
+# config fields a trial overrides (or that only change what is printed): a resume may differ in them
+IGNORED_BASE_KEYS = ("out_dir", "name", "quiet", "plots", "epochs")
+
+
+def argument_conflicts(saved: dict[str, Any], given: dict[str, Any]) -> list[str]:
+    """``name (saved a, given b)`` for each search argument (or base config key) that differs."""
+    out = []
+    for key in ("strategy", "trials", "epochs", "metric", "shrink", "grid_points", "seed"):
+        if saved[key] != given[key]:
+            out.append(f"{key} (saved {saved[key]!r}, given {given[key]!r})")
+    if saved["space"] != given["space"]:
+        show = lambda dims: "; ".join(_dim_from_dict(d).describe() for d in dims)  # noqa: E731
+        out.append(f"space (saved {show(saved['space'])}, given {show(given['space'])})")
+    out += [f"base config {d}" for d in config_differences(saved["base"], given["base"], IGNORED_BASE_KEYS)]
+    return out
+
+
+def _dim_to_dict(d: Dimension) -> dict[str, Any]:
+    return {"key": d.key, "kind": d.kind, "low": float(d.low), "high": float(d.high), "choices": list(d.choices),
+            "bounds": list(d.bounds) if d.bounds is not None else None}
+
+
+def _dim_from_dict(d: dict[str, Any]) -> Dimension:
+    return Dimension(d["key"], d["kind"], float(d["low"]), float(d["high"]), tuple(d["choices"]),
+                     tuple(d["bounds"]) if d.get("bounds") is not None else None)  # type: ignore[arg-type]
 
 
 def _say(config: TrainConfig, text: str) -> None:
@@ -288,24 +402,50 @@ def _trial_config(base: TrainConfig, params: dict[str, str], epochs: int, search
     return config
 
 
-def _run_trial(config: TrainConfig, params: dict[str, str], r: int, i: int, metric: str) -> Trial:
+def _get_trial(config: TrainConfig, params: dict[str, str], r: int, i: int, metric: str,
+               resume: bool) -> tuple[Trial, int]:
+    """(the trial, epochs trained now): read back when finished before, continued when interrupted, else run."""
     trial = Trial(r, i, params, config.epochs, Path(config.out_dir) / config.name)
+    state, start = run_state(trial.run_dir) if resume else ("new", 0)
+    marker = trial.run_dir / "diverged.json"
+    if resume and state == "done":
+        trial.source = "read"
+        _score(trial, read_history(trial.run_dir), metric)
+        trial.time_s = float(read_json(trial.run_dir / "results.json", "a finished run").get("wall_s", 0.0))
+        return trial, 0
+    if resume and marker.is_file():  # a diverged trial is a result: not retrained
+        trial.source, trial.status = "read", "diverged"
+        trial.time_s = float(read_json(marker, "a diverged trial's record").get("time_s", 0.0))
+        return trial, 0
     t0 = time.perf_counter()
     try:
-        result = train(config)
-    except TrainingDiverged:
+        if state == "partial":
+            trial.source = "resumed"
+            result = train(config, resume=True)
+        else:
+            result = train(config)
+    except TrainingDiverged as e:
         trial.status = "diverged"  # a too-high learning rate is a result of the search, not an error
-    else:
-        trial.status, trial.history = "ok", result.history
-        rows = [row for row in result.history if row.get(metric) is not None]
-        pick = max if metric == "val_acc" else min
-        row = pick(rows, key=lambda row: row[metric])
-        trial.score, trial.best_epoch = float(row[metric]), int(row["epoch"])
-        trial.val_acc, trial.val_loss, trial.train_loss = float(row["val_acc"]), float(row["val_loss"]), float(row["train_loss"])
-        if not math.isfinite(trial.score):
-            trial.status, trial.score = "diverged", math.nan
+        trial.time_s = time.perf_counter() - t0
+        if is_main_process():
+            trial.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(marker, json.dumps({"error": str(e), "time_s": trial.time_s}, indent=2))
+        return trial, config.epochs - start
+    _score(trial, result.history, metric)
     trial.time_s = time.perf_counter() - t0
-    return trial
+    return trial, len(result.history) - start
+
+
+def _score(trial: Trial, history: list[dict[str, Any]], metric: str) -> None:
+    """Fill the trial's score and metrics from its best epoch by ``metric``."""
+    trial.status, trial.history = "ok", history
+    rows = [row for row in history if row.get(metric) is not None]
+    pick = max if metric == "val_acc" else min
+    row = pick(rows, key=lambda row: row[metric])
+    trial.score, trial.best_epoch = float(row[metric]), int(row["epoch"])
+    trial.val_acc, trial.val_loss, trial.train_loss = float(row["val_acc"]), float(row["val_loss"]), float(row["train_loss"])
+    if not math.isfinite(trial.score):
+        trial.status, trial.score = "diverged", math.nan
 
 
 TABLE_COLUMNS = ("round", "trial", "epochs", "status", "score", "val_acc", "val_loss", "train_loss", "best_epoch", "time_s", "run_dir")
