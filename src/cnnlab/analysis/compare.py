@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cnnlab._io import atomic_savefig, atomic_write_text
+from cnnlab._io import atomic_write_text
+from cnnlab._plot import pyplot, save_figure
 from cnnlab.analysis._result import human
 from cnnlab.analysis.summary import summary
 
@@ -69,10 +70,7 @@ class Comparison:
 
     def plot(self, path: str | Path) -> Path:
         """MACs vs parameters (log-log); bubble area proportional to forward activation memory."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         fig, ax = plt.subplots(figsize=(7, 5))
         biggest = max(m.act_bytes for m in self.models) or 1
@@ -87,8 +85,7 @@ class Comparison:
         ax.grid(True, which="both", alpha=0.3)
         fig.tight_layout()
         path = Path(path)
-        atomic_savefig(fig, path, dpi=100)
-        plt.close(fig)
+        save_figure(fig, path)
         return path
 
 

@@ -130,12 +130,9 @@ class DepthStudy:
     def plot(self, path: str | Path, title: str = "") -> Path:
         """Training error per epoch (log scale, as He et al.'s Fig. 6): plain solid, residual dashed,
         one colour per depth; a second panel with the training loss."""
-        import matplotlib
+        from cnnlab._plot import pyplot, save_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        from cnnlab._io import atomic_savefig
+        plt = pyplot()
 
         depths = sorted({r.depth for r in self.runs})
         colours = plt.get_cmap("viridis")(torch.linspace(0, 0.85, len(depths)).tolist())
@@ -161,10 +158,7 @@ class DepthStudy:
         axes[0].legend([handles[i] for i in order], [labels[i] for i in order], fontsize=8, ncol=2)
         fig.suptitle(title or f"{self.data}: plain (solid) vs residual (dashed), same recipe")
         fig.tight_layout()
-        try:
-            return atomic_savefig(fig, path, dpi=110)
-        finally:
-            plt.close(fig)
+        return save_figure(fig, path, dpi=110)
 
 
 def _load(data: str, train_size: int | None, image_size: int | None,

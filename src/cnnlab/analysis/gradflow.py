@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from cnnlab._errors import CnnlabError
-from cnnlab._io import atomic_savefig
+from cnnlab._plot import pyplot, save_figure
 from cnnlab.analysis._result import human
 
 _RELUS = (nn.ReLU, nn.ReLU6)
@@ -63,10 +63,7 @@ class GradientFlow:
 
     def plot(self, path: str | Path, title: str = "") -> Path:
         """Gradient norm per layer (log scale) and dead-ReLU fraction per ReLU layer, as a PNG."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         fig, axes = plt.subplots(2 if self.dead_relu else 1, 1, figsize=(max(6, len(self.layers) * 0.12 + 4), 6), squeeze=False)
         ax = axes[0, 0]
@@ -84,8 +81,7 @@ class GradientFlow:
             ax.set_ylim(0, 100)
         fig.tight_layout()
         path = Path(path)
-        atomic_savefig(fig, path, dpi=100)
-        plt.close(fig)
+        save_figure(fig, path)
         return path
 
 

@@ -1,6 +1,14 @@
 """Datasets (named, downloadable, image folders), batched augmentation on tensors, preprocessing, loaders."""
 from cnnlab.data.augment import (
-    ColorJitter, Compose, CutMix, Cutout, LabelChangeWarning, Mixup, RandomAffine, RandomCrop, RandomFlip,
+    ColorJitter,
+    Compose,
+    CutMix,
+    Cutout,
+    LabelChangeWarning,
+    Mixup,
+    RandomAffine,
+    RandomCrop,
+    RandomFlip,
     RandomResizedCrop,
 )
 from cnnlab.data.datasets import DATASETS, TensorDataset, load_dataset

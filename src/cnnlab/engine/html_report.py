@@ -22,7 +22,8 @@ from typing import Any
 
 from cnnlab._errors import CnnlabError
 from cnnlab._io import atomic_write_text
-from cnnlab.engine.report import METRIC_COLUMNS, _pyplot, confusion_figure, curves_figure
+from cnnlab._plot import pyplot
+from cnnlab.engine.report import METRIC_COLUMNS, confusion_figure, curves_figure
 
 EXPECTED = "a run folder written by `cnnlab train` (config.json, then metrics.csv and last.json after each epoch)"
 
@@ -180,7 +181,7 @@ def _png_uri(data: bytes) -> str:
 def _figure_png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return buf.getvalue()
 
 
@@ -366,7 +367,7 @@ def _mathtext_safe(text: str) -> str:
 
 def comparison_figure(runs: Sequence[RunFolder]):
     """Loss and accuracy per epoch of every run: validation solid, training dashed, one colour per run."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.5), layout="constrained")
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, run in enumerate(runs):

@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from cnnlab._io import atomic_savefig, atomic_write_text
+from cnnlab._io import atomic_write_text
+from cnnlab._plot import pyplot, save_figure
 
 METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "time_s", "cpu_s", "images_per_s")
 
@@ -29,27 +30,14 @@ def _fmt(v: Any) -> str:
     return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_curves(path: str | os.PathLike, history: Sequence[dict[str, Any]]) -> Path:
     """Loss and accuracy per epoch, train against validation: the curves to read over- and under-fitting."""
-    plt = _pyplot()
-    fig = curves_figure(history)
-    atomic_savefig(fig, path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(curves_figure(history), path)
 
 
 def curves_figure(history: Sequence[dict[str, Any]]):
     """The figure of ``plot_curves`` (the caller saves and closes it; the HTML report embeds it from memory)."""
-    plt = _pyplot()
+    plt = pyplot()
     epochs = [r["epoch"] for r in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, title in ((ax_loss, "loss", "loss"), (ax_acc, "acc", "accuracy")):
@@ -67,16 +55,12 @@ def curves_figure(history: Sequence[dict[str, Any]]):
 
 def plot_confusion(path: str | os.PathLike, confusion: torch.Tensor, classes: Sequence[str]) -> Path:
     """Row-normalised confusion matrix with the counts written in each cell."""
-    plt = _pyplot()
-    fig = confusion_figure(confusion, classes)
-    atomic_savefig(fig, path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(confusion_figure(confusion, classes), path)
 
 
 def confusion_figure(confusion: torch.Tensor, classes: Sequence[str]):
     """The figure of ``plot_confusion`` (the caller saves and closes it)."""
-    plt = _pyplot()
+    plt = pyplot()
     k = len(classes)
     rates = confusion.float() / confusion.sum(1, keepdim=True).clamp(min=1)
     size = max(5.0, 0.5 * k)
@@ -102,7 +86,7 @@ def plot_misclassified(path: str | os.PathLike, images: torch.Tensor, labels: to
     wrong = (predictions != labels.cpu()).nonzero().flatten()[:limit]
     if len(wrong) == 0:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     cols = 8
     rows = -(-len(wrong) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 1.8), squeeze=False)
@@ -113,9 +97,7 @@ def plot_misclassified(path: str | os.PathLike, images: torch.Tensor, labels: to
         ax.imshow(img[0].numpy() if img.shape[0] == 1 else img.permute(1, 2, 0).numpy(), cmap="gray")
         ax.set_title(f"{classes[int(labels[i])][:10]}\n-> {classes[int(predictions[i])][:10]}", fontsize=7)
     fig.tight_layout()
-    atomic_savefig(fig, path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def write_html_report(run_dir: str | os.PathLike, path: str | os.PathLike | None = None) -> Path:

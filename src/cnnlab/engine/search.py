@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from cnnlab._errors import CnnlabError
-from cnnlab._io import atomic_savefig, atomic_write_text
+from cnnlab._io import atomic_write_text
+from cnnlab._plot import pyplot, save_figure
 from cnnlab.engine.config import TrainConfig, apply_overrides
 from cnnlab.engine.distributed import is_main_process
 from cnnlab.engine.resumable import Progress, config_differences, read_history, read_json, run_state
@@ -465,10 +466,7 @@ def write_table(path: Path, trials: Sequence[Trial], keys: Sequence[str]) -> Pat
 
 def plot_search(path: Path, trials: Sequence[Trial], space: Sequence[Dimension], metric: str) -> Path:
     """Score against each searched value (one panel per key, colour = round) and the last round's loss curves."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     n = len(space) + 1
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.8), squeeze=False)
@@ -505,6 +503,5 @@ def plot_search(path: Path, trials: Sequence[Trial], space: Sequence[Dimension],
     if best is not None:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    atomic_savefig(fig, path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
     return path

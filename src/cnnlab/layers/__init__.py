@@ -11,15 +11,15 @@ from cnnlab.layers.conv import (
     make_divisible,
     same_padding,
 )
-from cnnlab.layers.residual import BasicBlock, Bottleneck, NormAct, PreActBasicBlock, PreActBottleneck
 from cnnlab.layers.dense import DenseBlock, DenseLayer, NormActConv, Transition
-from cnnlab.layers.shuffle import ChannelShuffle, ShuffleUnitV1, ShuffleUnitV2
-from cnnlab.layers.mbconv import DepthwiseSeparableBlock, MBConv
+from cnnlab.layers.drop import DropConnectLinear, DropPath, drop_path
 from cnnlab.layers.fire import Fire
 from cnnlab.layers.inception import InceptionModule
-from cnnlab.layers.drop import DropConnectLinear, DropPath, drop_path
 from cnnlab.layers.init import INIT_SCHEMES, init_weights, zero_init_last_norm
+from cnnlab.layers.mbconv import DepthwiseSeparableBlock, MBConv
 from cnnlab.layers.norm import LayerNorm2d, get_norm_layer, local_response_norm
+from cnnlab.layers.residual import BasicBlock, Bottleneck, NormAct, PreActBasicBlock, PreActBottleneck
+from cnnlab.layers.shuffle import ChannelShuffle, ShuffleUnitV1, ShuffleUnitV2
 
 __all__ = [
     "DepthwiseSeparableBlock", "MBConv",

@@ -1,20 +1,12 @@
-"""Shared plotting helpers: matplotlib on the Agg backend (no display needed) and image-to-array conversion."""
+"""Image-to-array conversion for the viz figures (``pyplot`` is cnnlab._plot's, re-exported here)."""
 from __future__ import annotations
-
-from typing import Any
 
 import numpy as np
 import torch
 
+from cnnlab._plot import pyplot
 
-def pyplot() -> Any:
-    """``matplotlib.pyplot`` on the Agg backend: figures are only written to files."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+__all__ = ["pyplot", "stretch", "to_display"]
 
 
 def to_display(image: torch.Tensor) -> np.ndarray:

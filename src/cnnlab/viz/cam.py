@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnlab._errors import CnnlabError, did_you_mean
-from cnnlab._io import atomic_savefig
+from cnnlab._plot import save_figure
 from cnnlab.viz._plot import pyplot, to_display
 from cnnlab.viz.feature_maps import check_image
 
@@ -199,6 +199,4 @@ def plot_explanation(path: str | os.PathLike, image: torch.Tensor, explanation: 
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    atomic_savefig(fig, path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from cnnlab._errors import CnnlabError, did_you_mean
-from cnnlab._io import atomic_savefig
+from cnnlab._plot import save_figure
 from cnnlab.viz._plot import pyplot, stretch, to_display
 
 
@@ -122,6 +122,4 @@ def plot_feature_maps(path: str | os.PathLike, image: torch.Tensor, stages: Sequ
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    atomic_savefig(fig, path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnlab._errors import CnnlabError
-from cnnlab._io import atomic_savefig
+from cnnlab._plot import save_figure
 from cnnlab.viz._plot import pyplot, stretch, to_display
 
 LINE_FILTER_NAMES = ("vertical line", "horizontal line")
@@ -86,9 +86,7 @@ def plot_filter_responses(path: str | os.PathLike, images: Sequence[torch.Tensor
             if filters is None:
                 axes[i + offset, j + 1].set_title(filter_names[j] if j < len(filter_names) else f"map {j}", fontsize=9)
     fig.tight_layout()
-    atomic_savefig(fig, path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def first_conv(model: nn.Module) -> tuple[str, nn.Conv2d]:
@@ -127,6 +125,4 @@ def plot_first_layer_filters(path: str | os.PathLike, model: nn.Module, title: s
     fig.suptitle(f"{title + ': ' if title else ''}{shown} filters of {name} "
                  f"({conv.in_channels}->{conv.out_channels}, {conv.kernel_size[0]}x{conv.kernel_size[1]})", fontsize=9)
     fig.tight_layout()
-    atomic_savefig(fig, path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
