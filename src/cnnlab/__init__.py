@@ -7,5 +7,5 @@ from cnnlab._errors import CnnlabError
 from cnnlab.analysis import summary
 from cnnlab.models import create_model, list_models, load_weights, model_info
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["CnnlabError", "create_model", "list_models", "load_weights", "model_info", "summary", "__version__"]
