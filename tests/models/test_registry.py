@@ -144,3 +144,23 @@ def test_simple_cnn_keras_param_count():
     # Keras model.summary() of the notes' model: 1,413,834 trainable parameters
     # (conv 3,200 + 73,856 + 147,584 + 295,168 + 590,080; dense 295,040 + 8,256 + 650).
     assert model_info("simple_cnn").num_params == 1_413_834
+
+
+def test_layer_names_work_for_every_family_that_takes_layers():
+    # create_model turns "groupnorm"/"silu" into factories once, for every family (the README promises it)
+    took_norm, took_act = [], []
+    for name in CLASSIFIERS:
+        for option, value, kind, took in (("norm_layer", "groupnorm", torch.nn.GroupNorm, took_norm),
+                                          ("act_layer", "silu", torch.nn.SiLU, took_act)):
+            try:
+                with torch.device("meta"):
+                    model = cnnlab.create_model(name, **{option: value})
+            except CnnlabError as e:
+                assert "does not take the option" in str(e) or "conflicts" in str(e), (name, option, e)
+                continue
+            assert any(isinstance(m, kind) for m in model.modules()), (name, option)
+            took.append(name)
+    assert {"vgg16_bn", "resnet50", "densenet121"} <= set(took_norm)  # the families the README names
+    assert {"resnet50", "mobilenet_v2"} <= set(took_act)
+    with pytest.raises(CnnlabError, match="unknown norm layer 'grupnorm'.*groupnorm"):
+        cnnlab.create_model("resnet18", norm_layer="grupnorm")

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from cnnlab._errors import CnnlabError, did_you_mean
+from cnnlab.layers import get_act_layer, get_norm_layer
 
 StateDict = dict[str, torch.Tensor]
 Converter = Callable[[StateDict], StateDict]
@@ -160,6 +161,11 @@ def create_model(
         raise CnnlabError(f"in_channels must be a positive int, got {in_channels!r}")
     if in_channels is not None:
         overrides["in_channels"] = in_channels
+    # layer names ("groupnorm", "silu") become factories here, once, whatever the family does with them
+    if isinstance(overrides.get("norm_layer"), str):
+        overrides["norm_layer"] = get_norm_layer(overrides["norm_layer"])
+    if isinstance(overrides.get("act_layer"), str):
+        overrides["act_layer"] = get_act_layer(overrides["act_layer"])
     if num_classes is not None:
         overrides["num_classes"] = num_classes
     if weights is not None and info.task == "classification":

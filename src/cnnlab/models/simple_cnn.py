@@ -109,4 +109,5 @@ def simple_cnn(**kwargs) -> SimpleCNN:
 @register_model(SIMPLE_CNN, default_input=(1, 28, 28), notes="simple_cnn with batch norm after every conv: trains faster.")
 def simple_cnn_bn(**kwargs) -> SimpleCNN:
     kwargs.setdefault("num_classes", 10)
-    return SimpleCNN(norm_layer=nn.BatchNorm2d, **kwargs)
+    kwargs.setdefault("norm_layer", nn.BatchNorm2d)
+    return SimpleCNN(**kwargs)
