@@ -68,4 +68,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"({test.count:,} test images, {len(result.history)} epochs)")
     print(f"time: {result.wall_s:.0f} s wall, {result.cpu_s:.0f} s CPU")
     print(f"run folder: {result.run_dir}")
+    if (result.run_dir / "report.html").is_file():
+        print(f"report: {result.run_dir / 'report.html'}")
     return 0

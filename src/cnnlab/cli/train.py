@@ -75,4 +75,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"test accuracy {test.accuracy:.4f}{top} on {test.count} images "
           f"(model of epoch {result.best_epoch}; {result.wall_s:.0f} s wall, {result.cpu_s:.0f} s CPU)")
     print(f"run folder: {result.run_dir}")
+    if (result.run_dir / "report.html").is_file():
+        print(f"report: {result.run_dir / 'report.html'}")
     return 0
