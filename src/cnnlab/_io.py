@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cnnlab._errors import CnnlabError
+
 
 def _read_umask() -> int:
     mask = os.umask(0)  # the only way to read it; restored at once
@@ -24,6 +26,10 @@ _UMASK = _read_umask()
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
     """Call ``write(tmp_path)`` to produce the file, then move it over ``path``."""
     path = Path(path)
+    if path.is_dir():  # os.replace would fail only after the work, with an IsADirectoryError
+        raise CnnlabError(f"cannot write {path}: it is a folder; expected a file path")
+    if not path.parent.is_dir():
+        raise CnnlabError(f"cannot write {path}: the folder {path.parent} does not exist")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(fd)
     try:

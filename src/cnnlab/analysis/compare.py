@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cnnlab._errors import CnnlabError
 from cnnlab._io import atomic_write_text
 from cnnlab._plot import pyplot, save_figure
 from cnnlab.analysis._result import human
@@ -91,6 +92,8 @@ class Comparison:
 
 def measure_latency(model: nn.Module, input_size: Sequence[int], repeats: int = 5, warmup: int = 1) -> float:
     """Median wall time in milliseconds of ``model(x)`` for one image, eval mode, no grad."""
+    if repeats < 1 or warmup < 0:
+        raise CnnlabError(f"latency needs repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
     first = next(model.parameters(), None)
     x = torch.randn(1, *input_size, device=first.device if first is not None else "cpu")
     model.eval()

@@ -117,6 +117,13 @@ def gradient_flow(
     model.zero_grad(set_to_none=True)
     try:
         out = model(x)
+    except ValueError as e:
+        if "more than 1 value per channel" not in str(e):
+            raise
+        # BatchNorm in train mode cannot normalise a single value (batch 1 at a 1x1 map)
+        raise CnnlabError(f"a train-mode pass of {tuple(x.shape)} reaches a BatchNorm with one value per channel "
+                          "(batch size 1 at a 1x1 feature map); use a batch of 2 or more, a larger input, "
+                          "or eval mode") from None
     finally:
         for h in handles:
             h.remove()

@@ -17,6 +17,9 @@ OPTIMIZER_STATES = {"sgd": 0, "momentum": 1, "adam": 2, "adamw": 2, "rmsprop": 1
 
 def _resolve(model_or_name: nn.Module | str, input_size: Sequence[int] | None, device: str | torch.device | None):
     """(model, input_size, device, name, built_here)."""
+    if isinstance(input_size, str):  # tuple('3x32x32') would be a tuple of characters
+        raise CnnlabError(f"input_size must be a tuple of ints for one sample, e.g. (3, 224, 224), got the string "
+                          f"{input_size!r}")
     if isinstance(model_or_name, str):
         from cnnlab.models.registry import create_model, model_info
 
@@ -30,6 +33,15 @@ def _resolve(model_or_name: nn.Module | str, input_size: Sequence[int] | None, d
         raise CnnlabError(f"summary expects a model name or an nn.Module, got {type(model_or_name).__name__}")
     first = next(model_or_name.parameters(), None)
     dev = torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
+    name = getattr(model_or_name, "model_name", None)
+    if input_size is None and isinstance(name, str):  # a registered model's own default, e.g. 1x28x28 for simple_cnn
+        from cnnlab.models.registry import list_models, model_info
+
+        if name in list_models():
+            input_size = model_info(name).default_input
+            channels = getattr(model_or_name, "in_channels", None)
+            if isinstance(channels, int):
+                input_size = (channels, *tuple(input_size)[1:])
     size = tuple(input_size) if input_size is not None else (3, 224, 224)
     return model_or_name, size, dev, getattr(model_or_name, "model_name", type(model_or_name).__name__), False
 

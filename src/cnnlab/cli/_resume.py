@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -40,10 +39,9 @@ def config_conflicts(saved: dict, args: argparse.Namespace, ignore: Iterable[str
              if opt not in set(skip_options) and getattr(args, opt, None) is not None]
     overrides = named + [o for o in args.overrides if o != "help"]
     if args.config:
-        try:
-            start = TrainConfig.from_dict(json.loads(Path(args.config).read_text()))
-        except (OSError, json.JSONDecodeError) as e:
-            raise CnnlabError(f"--config {args.config}: {e}") from None
+        from cnnlab.cli.train import read_config
+
+        start = read_config(args.config, "--config")
     elif overrides:
         start = TrainConfig.from_dict(copy.deepcopy(saved))
     else:

@@ -25,7 +25,7 @@ def load_target(spec: str, size: tuple[int, int] | None = None, checkpoint: str 
     """``spec`` is a run folder (its best checkpoint) or a registered model name (random weights)."""
     import torch
 
-    if Path(spec).is_dir() or "/" in spec:
+    if Path(spec).exists() or "/" in spec:  # a file is refused by load_run as not a run folder
         from cnnlab.engine.data_setup import preprocess_from_state
         from cnnlab.engine.runs import load_run
 

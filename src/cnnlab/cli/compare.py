@@ -18,12 +18,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from cnnlab._errors import CnnlabError
     from cnnlab.analysis import compare
+    from cnnlab.cli._paths import output_path
     from cnnlab.cli.summary import parse_input
     from cnnlab.models.registry import model_info
 
     for name in args.names:
         model_info(name)  # unknown names fail before any work
+    output_path(args.plot, "--plot", figure=True)
+    output_path(args.csv, "--csv", suffix=".csv")
+    if args.bench and args.repeats < 1:
+        raise CnnlabError(f"--repeats must be >= 1 (timed runs per model), got {args.repeats}")
     result = compare(args.names, parse_input(args.input), bench=args.bench, repeats=args.repeats)
     print(result.table())
     if args.plot:

@@ -53,6 +53,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     import torch
 
+    from cnnlab.cli.train import check_out_dir
     from cnnlab.engine import apply_overrides, resolve_device, train
 
     config = demo_config(args.quick)
@@ -62,6 +63,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         config.threads = torch.get_num_threads()
     config.name = f"demo-{config.data.name}-{datetime.now():%Y%m%d-%H%M%S}"
     apply_overrides(config, args.overrides)
+    check_out_dir(config.out_dir)
     result = train(config)
     test = result.test
     print(f"\n{config.model.name} on {config.data.name}: test accuracy {test.accuracy:.2%} "

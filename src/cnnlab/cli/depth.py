@@ -34,7 +34,10 @@ def cmd_depth_study(args: argparse.Namespace) -> int:
 
     from cnnlab._io import atomic_write_text
     from cnnlab.analysis.depth import DOCUMENTED, QUICK, depth_study
+    from cnnlab.cli._paths import output_path
 
+    output_path(args.json, "--json", suffix=".json")
+    output_path("depth_study.png" if args.plot is None else args.plot, "--plot", figure=True)
     setting = QUICK if args.quick else DOCUMENTED
     recipe = setting.recipe
     for name in ("lr", "width", "batch_size", "train_size", "image_size", "seed"):

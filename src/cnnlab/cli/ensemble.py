@@ -47,8 +47,10 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
     from cnnlab._errors import CnnlabError
     from cnnlab.cli._format import table
+    from cnnlab.cli._paths import output_path
     from cnnlab.engine.ensemble import evaluate_ensemble, train_bagged
 
+    output_path(args.json_out, "--json", suffix=".json")  # before hours of bagging, not after
     if args.resume_bag is not None:
         if args.runs:
             raise CnnlabError("give either run folders or --resume BAG, not both")

@@ -29,11 +29,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from cnnlab._errors import CnnlabError
     from cnnlab.cli._format import table
+    from cnnlab.cli._paths import output_path
     from cnnlab.engine.data_setup import build_data
     from cnnlab.engine.evaluate import evaluate
     from cnnlab.engine.runs import load_run
     from cnnlab.engine.trainer import resolve_device, use_amp
 
+    if args.top < 1:
+        raise CnnlabError(f"--top must be >= 1, got {args.top}")
+    output_path(args.plot, "--plot", figure=True)
     run = load_run(args.run, args.checkpoint)
     device = resolve_device(args.device)
     data_config = run.config.data
@@ -71,10 +75,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     import torch
 
+    from cnnlab._errors import CnnlabError
     from cnnlab.data.folder import read_image
     from cnnlab.engine.data_setup import preprocess_from_state
     from cnnlab.engine.runs import load_run
 
+    if args.top < 1:
+        raise CnnlabError(f"--top must be >= 1, got {args.top}")
     run = load_run(args.run, args.checkpoint)
     channels, height, width = run.input_shape
     preprocess = preprocess_from_state(run.preprocess)

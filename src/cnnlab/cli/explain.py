@@ -24,12 +24,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from cnnlab._errors import CnnlabError
+    from cnnlab.cli._paths import output_path
     from cnnlab.cli._viz import load_target, parse_size
     from cnnlab.data.samples import image_label, load_image_or_sample
     from cnnlab.viz.cam import explain, plot_explanation, resolve_target
 
     if args.top < 1:
         raise CnnlabError(f"--top must be >= 1, got {args.top}")
+    output_path(args.out, "--out", figure=True)
     if args.layer and args.method != "gradcam":
         raise CnnlabError("--layer applies to --method gradcam only (saliency is taken w.r.t. the input pixels)")
     target = load_target(args.run, parse_size(args.size), args.checkpoint)

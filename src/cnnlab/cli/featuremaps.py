@@ -21,12 +21,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_featuremaps(args: argparse.Namespace) -> int:
     from cnnlab._errors import CnnlabError
+    from cnnlab.cli._paths import output_path
     from cnnlab.cli._viz import load_target, parse_size
     from cnnlab.data.samples import image_label, load_image_or_sample
     from cnnlab.viz.feature_maps import plot_feature_maps, stage_feature_maps
 
     if args.top < 1:
         raise CnnlabError(f"--top must be >= 1, got {args.top}")
+    output_path(args.out, "--out", figure=True)
     target = load_target(args.model, parse_size(args.size), args.checkpoint)
     channels, height, width = target.input_shape
     image = load_image_or_sample(args.image, channels, (height, width))  # converted to the model's channels

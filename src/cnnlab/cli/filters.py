@@ -19,9 +19,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_filters(args: argparse.Namespace) -> int:
     from cnnlab._errors import CnnlabError
+    from cnnlab.cli._paths import output_path
     from cnnlab.data.samples import SAMPLE_NAMES, SAMPLE_PREFIX, image_label, load_image_or_sample
     from cnnlab.viz.filters import LINE_FILTER_NAMES, apply_filters, first_conv, line_filters, plot_filter_responses
 
+    output_path(args.out, "--out", figure=True)
     if args.learned:
         from cnnlab.cli._viz import load_target
         from cnnlab.viz.filters import plot_first_layer_filters

@@ -22,10 +22,13 @@ def cmd_gradflow(args: argparse.Namespace) -> int:
 
     from cnnlab._errors import CnnlabError
     from cnnlab.analysis import gradient_flow
+    from cnnlab.cli._paths import output_path
     from cnnlab.cli.summary import parse_input
     from cnnlab.models.registry import create_model, model_info
 
     info = model_info(args.name)
+    plot = f"gradflow_{args.name}.png" if args.plot is None else args.plot
+    output_path(plot, "--plot", figure=True)
     size = parse_input(args.input) or info.default_input
     if args.batch_size < 1:
         raise CnnlabError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -36,7 +39,6 @@ def cmd_gradflow(args: argparse.Namespace) -> int:
     print(f"{args.name} at {'x'.join(map(str, size))}, batch {args.batch_size}, {'train' if args.train_mode else 'eval'} mode, "
           "random labels, cross-entropy")
     print(flow.table())
-    plot = f"gradflow_{args.name}.png" if args.plot is None else args.plot
     if plot:
         print(f"wrote {flow.plot(plot, title=f'{args.name}: gradient flow at initialisation')}")
     return 0

@@ -19,12 +19,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from cnnlab import list_models, model_info
-    from cnnlab._errors import CnnlabError
+    from cnnlab._errors import CnnlabError, did_you_mean
     from cnnlab.cli._format import human, table
 
+    if args.task:
+        tasks = sorted({"classification", "detection", "segmentation"} | {model_info(n).task for n in list_models()})
+        if args.task not in tasks:
+            raise CnnlabError(f"unknown task {args.task!r}{did_you_mean(args.task, tasks)}; "
+                              f"expected one of {', '.join(tasks)}")
     names = list_models(args.pattern, task=args.task)
     if not names:
-        raise CnnlabError(f"no model matches {args.pattern!r}" + (f" for task {args.task!r}" if args.task else ""))
+        what = (f"matches {args.pattern!r}" if args.pattern else "is registered") + (
+            f" for task {args.task!r}" if args.task else "")
+        raise CnnlabError(f"no model {what}; `cnnlab models` lists them all (patterns are shell-style, e.g. 'resnet*')")
     rows = []
     for name in names:
         info = model_info(name)

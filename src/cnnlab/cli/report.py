@@ -20,8 +20,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from cnnlab.cli._paths import output_path
     from cnnlab.engine.report import write_comparison_report, write_html_report
 
+    output_path(args.out, "--out", suffix=".html")
     if len(args.runs) == 1:
         path = write_html_report(args.runs[0], args.out)
     else:

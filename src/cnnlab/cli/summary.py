@@ -39,14 +39,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def cmd_summary(args: argparse.Namespace) -> int:
     import torch
 
+    from cnnlab._io import atomic_write_text
     from cnnlab.analysis import summary
+    from cnnlab.cli._paths import output_path
 
+    output_path(args.output, "--output")
     s = summary(args.name, parse_input(args.input), depth=args.depth, batch_size=args.batch_size,
                 dtype=getattr(torch, args.dtype), optimizer=args.optimizer)
     text = {"table": s.table, "csv": s.to_csv, "json": s.to_json, "md": s.to_markdown}[args.format]()
     if args.output:
-        with open(args.output, "w") as f:
-            f.write(text + ("" if text.endswith("\n") else "\n"))
+        atomic_write_text(args.output, text + ("" if text.endswith("\n") else "\n"))
         print(f"wrote {args.output}")
     else:
         print(text.rstrip("\n"))

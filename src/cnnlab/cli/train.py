@@ -27,9 +27,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def read_config(path: str, flag: str):
+    """A TrainConfig from a config.json, or a CnnlabError naming ``flag`` and what the file should hold."""
+    import json
+    from pathlib import Path
+
+    from cnnlab._errors import CnnlabError
+    from cnnlab.engine.config import TrainConfig
+
+    expected = "expected a config.json as written in a run folder (a JSON object of config keys)"
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CnnlabError(f"{flag} {path}: no such file; {expected}") from None
+    except IsADirectoryError:
+        raise CnnlabError(f"{flag} {path} is a folder; {expected}, e.g. {Path(path) / 'config.json'}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CnnlabError(f"{flag} {path} cannot be read as JSON ({e}); {expected}") from None
+    if not isinstance(data, dict):
+        raise CnnlabError(f"{flag} {path} holds a JSON {type(data).__name__}; {expected}")
+    return TrainConfig.from_dict(data)
+
+
 def config_from_args(args: argparse.Namespace):
     """Build the TrainConfig: defaults < --config file < named options < --set overrides."""
-    import json
     from pathlib import Path
 
     from cnnlab._errors import CnnlabError
@@ -39,17 +60,17 @@ def config_from_args(args: argparse.Namespace):
         print("config keys and their defaults (set with --set key=value):\n" + TrainConfig().describe())
         raise SystemExit(0)
     if args.resume:
-        path = Path(args.resume) / "config.json"
-        if not path.is_file():
-            raise CnnlabError(f"--resume {args.resume}: no config.json there (is it a run folder?)")
-        config = TrainConfig.from_dict(json.loads(path.read_text()))
         run = Path(args.resume)
+        if not run.is_dir():
+            what = "is a file" if run.exists() else "does not exist"
+            raise CnnlabError(f"--resume {args.resume} {what}; expected a run folder written by `cnnlab train`")
+        if not (run / "config.json").is_file():
+            raise CnnlabError(f"--resume {args.resume}: no config.json there, so it is not a run folder "
+                              "(expected a folder written by `cnnlab train`)")
+        config = read_config(str(run / "config.json"), "--resume")
         config.out_dir, config.name = str(run.parent), run.name
     elif args.config:
-        try:
-            config = TrainConfig.from_dict(json.loads(Path(args.config).read_text()))
-        except (OSError, json.JSONDecodeError) as e:
-            raise CnnlabError(f"--config {args.config}: {e}") from None
+        config = read_config(args.config, "--config")
         config.name = ""
     else:
         config = TrainConfig()
@@ -59,7 +80,20 @@ def config_from_args(args: argparse.Namespace):
     overrides = [f"{k}={v}" for k, v in named.items() if v is not None] + list(args.overrides)
     if args.quiet:
         overrides.append("quiet=true")
-    return apply_overrides(config, overrides)
+    config = apply_overrides(config, overrides)
+    check_out_dir(config.out_dir)
+    return config
+
+
+def check_out_dir(out_dir: str) -> None:
+    """A file in the way of the run folder fails here, not after the data is loaded."""
+    from pathlib import Path
+
+    from cnnlab._errors import CnnlabError
+
+    for folder in (Path(out_dir), *Path(out_dir).parents):
+        if folder.exists() and not folder.is_dir():
+            raise CnnlabError(f"out_dir {out_dir}: {folder} is a file; expected a folder to hold run folders")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -67,6 +101,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     from cnnlab.engine.distributed import is_main_process
 
     config = config_from_args(args)
+    if not args.resume and config.name:
+        from pathlib import Path
+
+        from cnnlab._errors import CnnlabError
+
+        run_dir = Path(config.out_dir) / config.name
+        if run_dir.is_dir() and not (run_dir / "config.json").exists() and any(run_dir.iterdir()):
+            # a run writes config.json, metrics.csv, report.html ...: never over a user's own files
+            raise CnnlabError(f"{run_dir} already exists and holds files that are not a run; "
+                              "choose another --name (or --out-dir), or empty that folder")
     result = train(config, resume=bool(args.resume))
     if not is_main_process():  # under torchrun, rank 0 reports
         return 0

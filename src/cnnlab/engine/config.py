@@ -161,6 +161,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        if not isinstance(data, dict):
+            raise CnnlabError(f"a config must be a dict of config keys (as in a run's config.json), "
+                              f"got {type(data).__name__}")
         config = cls()
         apply_overrides(config, [f"{k}={json.dumps(v)}" for k, v in _flatten(data).items()])
         return config
@@ -247,14 +250,20 @@ def _literal(text: str) -> Any:
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        return [t.strip() for t in text.split(",") if t.strip()]  # 'stem,stages.0' -> list
+        inner = text.strip()
+        if inner[:1] == "[" and inner[-1:] == "]":  # '[stem,stages.0]': a list typed without quotes
+            inner = inner[1:-1]
+        return [t.strip() for t in inner.split(",") if t.strip()]  # 'stem,stages.0' -> list
 
 
 def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
     """Set ``section.key=value`` fields in place, checking keys and types."""
     keys = config_keys(config)
+    if isinstance(overrides, str) or not isinstance(overrides, (list, tuple)):
+        raise CnnlabError(f"overrides must be a list of 'key=value' strings, e.g. ['optim.lr=0.1'], "
+                          f"got {type(overrides).__name__}")
     for item in overrides:
-        if "=" not in item:
+        if not isinstance(item, str) or "=" not in item:
             raise CnnlabError(f"override {item!r} must look like key=value (e.g. optim.lr=0.1)")
         key, text = (s.strip() for s in item.split("=", 1))
         if key not in keys:
@@ -297,5 +306,36 @@ def validate(config: TrainConfig) -> None:
             raise CnnlabError(f"{key} must be positive, got {value}")
     if not 0 <= config.data.val_fraction < 1:
         raise CnnlabError(f"data.val_fraction must be in [0, 1), got {config.data.val_fraction}")
+    d, o = config.data, config.optim
+    # 0 means "off" for most of these; a negative value would crash mid-run (threads, crop_padding, momentum)
+    # or silently do something else (train_limit=-5 drops the last 5 images, cutout=-3 is off)
+    non_negative = {"threads": config.threads, "patience": config.patience, "data.train_limit": d.train_limit,
+                    "data.num_workers": d.num_workers, "data.crop_padding": d.crop_padding, "data.cutout": d.cutout,
+                    "data.mixup": d.mixup, "data.cutmix": d.cutmix, "data.image_size": d.image_size or 0,
+                    "optim.momentum": o.momentum, "optim.weight_decay": o.weight_decay,
+                    "optim.warmup_epochs": o.warmup_epochs, "optim.l1": o.l1, "optim.l2": o.l2,
+                    "optim.clip_grad_norm": o.clip_grad_norm, "optim.base_batch_size": o.base_batch_size}
+    for key, value in non_negative.items():
+        if value < 0:
+            raise CnnlabError(f"{key} must be >= 0 (0 = off or default), got {value}")
+    fractions = {"optim.label_smoothing": (o.label_smoothing, "[0, 1]"), "data.resized_crop_scale":
+                 (d.resized_crop_scale, "[0, 1] (the smallest crop area as a fraction; 0 = off)")}
+    for key, (value, expected) in fractions.items():
+        if not 0 <= value <= 1:
+            raise CnnlabError(f"{key} must be in {expected}, got {value}")
+    if not 0 <= o.ema_decay < 1:
+        raise CnnlabError(f"optim.ema_decay must be in [0, 1) (e.g. 0.999; 0 = off), got {o.ema_decay}")
+    if not 0 < o.onecycle_pct < 1:
+        raise CnnlabError(f"optim.onecycle_pct must be in (0, 1) (share of steps rising), got {o.onecycle_pct}")
+    if not all(0 <= b < 1 for b in o.betas):
+        raise CnnlabError(f"optim.betas must both be in [0, 1), e.g. [0.9, 0.999], got {list(o.betas)}")
+    if o.step_epochs < 1 or o.gamma <= 0:
+        raise CnnlabError(f"the step schedule needs optim.step_epochs >= 1 and optim.gamma > 0, "
+                          f"got step_epochs={o.step_epochs}, gamma={o.gamma}")
+    if not 0 < d.scale[0] <= d.scale[1]:
+        raise CnnlabError(f"data.scale must be [low, high] with 0 < low <= high (1, 1 = off), got {list(d.scale)}")
+    negative = {k: v for k, v in config.model.lr_mult.items() if v < 0}
+    if negative:  # a negative learning rate climbs the loss
+        raise CnnlabError(f"model.lr_mult values must be >= 0 (0 freezes, 1 = base rate), got {negative}")
     if config.patience and config.data.val_fraction == 0:
         raise CnnlabError("early stopping (patience > 0) needs a validation split: set data.val_fraction, e.g. 0.1")

@@ -152,6 +152,11 @@ def evaluate_ensemble(members: Sequence[str | os.PathLike | Member], *, device: 
     """
     if not members:
         raise CnnlabError("an ensemble needs at least one run folder")
+    folders = [Path(m).resolve() for m in members if not isinstance(m, Member)]
+    twice = sorted({str(f) for f in folders if folders.count(f) > 1})
+    if twice:  # it would silently count that member double; --member-weights says so explicitly
+        raise CnnlabError(f"run folder {', '.join(twice)} is given more than once; give each member once "
+                          "(weigh members with --member-weights / weights=)")
     dev = resolve_device(device)
     loaded = [m if isinstance(m, Member) else load_member(m, dev) for m in members]
     if weights is None:

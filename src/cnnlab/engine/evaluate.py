@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnnlab._errors import CnnlabError
+
 
 @dataclass
 class EvalResult:
@@ -47,6 +49,9 @@ def autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManag
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int, *,
              amp: bool = False, tta_flip: bool = False, topk: tuple[int, ...] = (5,)) -> EvalResult:
     """Run ``model`` in eval mode over ``batches`` and collect the metrics (training mode is restored)."""
+    bad = [k for k in topk if isinstance(k, bool) or not isinstance(k, int) or k < 1]
+    if bad:
+        raise CnnlabError(f"topk must hold whole numbers >= 1 (top-k accuracy), got {bad}")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -128,14 +128,21 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
     rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for line, row in enumerate(csv.DictReader(f), start=2):
-            try:
-                rows.append({k: (None if v in ("", None) else int(v) if k == "epoch" else float(v))
-                             for k, v in row.items() if k in METRIC_COLUMNS})
-            except ValueError:
-                raise CnnlabError(f"{path} line {line} is not a metrics row (numbers in columns "
-                                  f"{', '.join(METRIC_COLUMNS)})") from None
+    damaged = f"{path} is damaged; expected the CSV `cnnlab train` writes (a header with epoch, then one row per epoch)"
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is not None and "epoch" not in reader.fieldnames:
+                raise CnnlabError(f"{damaged}; its header is {','.join(reader.fieldnames)[:60]!r}")
+            for line, row in enumerate(reader, start=2):
+                try:
+                    rows.append({k: (None if v in ("", None) else int(v) if k == "epoch" else float(v))
+                                 for k, v in row.items() if k in METRIC_COLUMNS})
+                except (ValueError, TypeError):
+                    raise CnnlabError(f"{path} line {line} is not a metrics row (numbers in columns "
+                                      f"{', '.join(METRIC_COLUMNS)})") from None
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise CnnlabError(f"{damaged} ({type(e).__name__}: {e})") from None
     return rows
 
 

@@ -36,14 +36,30 @@ def load_run(run_dir: str | os.PathLike, tag: str | None = None) -> LoadedRun:
     from cnnlab.models import create_model
 
     run_dir = Path(run_dir)
+    expected = "expected a run folder written by `cnnlab train` (runs/<name>)"
+    if run_dir.is_file():
+        raise CnnlabError(f"{run_dir} is a file, not a run folder; {expected}")
     if not run_dir.is_dir():
-        raise CnnlabError(f"run folder {run_dir} does not exist")
+        raise CnnlabError(f"run folder {run_dir} does not exist; {expected}")
+    saved = [t for t in ("best", "last") if (run_dir / f"{t}.json").is_file()]
+    if not saved:
+        if not (run_dir / "config.json").is_file():
+            raise CnnlabError(f"{run_dir} is not a run folder (no config.json, best.json or last.json); {expected}")
+        raise CnnlabError(f"{run_dir} holds no checkpoint yet (the run stopped before its first epoch ended); "
+                          "continue it with `cnnlab train --resume` or train it again")
     if tag is None:
-        tag = "best" if (run_dir / "best.json").exists() else "last"
+        tag = saved[0]
+    elif tag not in saved:
+        raise CnnlabError(f"{run_dir} has no {tag!r} checkpoint; it has: {', '.join(saved)}")
     ckpt = load_checkpoint(run_dir, tag)
     meta = ckpt.meta
-    config = TrainConfig.from_dict(meta["config"])
-    input_shape = tuple(meta["input_shape"])
+    try:
+        config = TrainConfig.from_dict(meta["config"])
+        input_shape = tuple(meta["input_shape"])
+        meta["model"], meta["num_classes"], meta["classes"], meta["preprocess"], meta["epoch"]  # noqa: B018
+    except (KeyError, TypeError) as e:
+        raise CnnlabError(f"{run_dir}/{tag}.json is corrupt: it lacks {e} (the model, classes and input shape "
+                          "a checkpoint records)") from None
     options = {k: v for k, v in config.model.options.items() if k != "in_channels"}
     model = create_model(meta["model"], num_classes=meta["num_classes"], in_channels=input_shape[0], **options)
     try:

@@ -34,7 +34,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from cnnlab._errors import CnnlabError
+from cnnlab._errors import CnnlabError, did_you_mean
 from cnnlab._io import atomic_write_text
 from cnnlab._plot import pyplot, save_figure
 from cnnlab.engine.config import TrainConfig, apply_overrides
@@ -118,6 +118,15 @@ def parse_dimension(spec: str) -> Dimension:
                           "key=int(16,128) or key=a,b,c")
     key, text = (s.strip() for s in spec.split("=", 1))
     match = _RANGE.match(text)
+    call = re.match(r"^\s*([A-Za-z_]\w*)\s*\(.*\)\s*$", text)
+    if not match and call:  # 'foo(1,2)' or 'uniform(1)' would otherwise become the choices 'foo(1' and '2)'
+        kind = call.group(1)
+        known = ("loguniform", "uniform", "int")
+        if kind in known:
+            raise CnnlabError(f"{key}: {kind}(...) needs exactly two numbers, low and high, e.g. {kind}(1,10); "
+                              f"got {text!r}")
+        raise CnnlabError(f"{key}: unknown range {kind!r}{did_you_mean(kind, known)}; expected loguniform(lo,hi), "
+                          "uniform(lo,hi), int(lo,hi) or choices a,b,c")
     if match:
         kind, a, b = match.groups()
         try:

@@ -92,6 +92,9 @@ def build_model(config: TrainConfig, num_classes: int, input_shape: tuple[int, i
 
     from_file = weights is not None and weights not in ("torchvision", "timm")
     options = dict(config.model.options)
+    if options.pop("num_classes", num_classes) != num_classes:
+        raise CnnlabError(f"model.options.num_classes={config.model.options['num_classes']} but data "
+                          f"{config.data.name!r} has {num_classes} classes; leave it out (it comes from the data)")
     if options.pop("in_channels", input_shape[0]) != input_shape[0]:
         raise CnnlabError(f"model.options.in_channels={config.model.options['in_channels']} but data "
                           f"{config.data.name!r} has {input_shape[0]}-channel images")
@@ -130,6 +133,9 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks: Sequence[Epoc
     ``callbacks`` are called with each epoch's metrics row (hyper-parameter search, ensembles);
     ``data`` replaces the loaders built from ``config.data`` (bootstrap samples, custom datasets).
     """
+    if not isinstance(config, TrainConfig):  # validate() would fail on a dict with an AttributeError
+        raise CnnlabError(f"train() takes a TrainConfig (cnnlab.engine.TrainConfig, or TrainConfig.from_dict(d)), "
+                          f"got {type(config).__name__}")
     validate(config)
     threads = torch.get_num_threads()
     try:
@@ -147,6 +153,13 @@ def _train(config: TrainConfig, resume: bool, callbacks: Sequence[EpochCallback]
         config.name = run_dir.name
     if not resume and (run_dir / "last.json").exists():
         raise CnnlabError(f"run folder {run_dir} already holds a run; resume it (--resume) or choose another name")
+    for folder in (run_dir, *run_dir.parents):  # fail now, not at mkdir after the data is loaded
+        if folder.exists() and not folder.is_dir():
+            raise CnnlabError(f"run folder {run_dir}: {folder} is a file; choose another name or out_dir")
+    if not resume and run_dir.is_dir() and not (run_dir / "config.json").exists() and any(run_dir.iterdir()):
+        # a run writes config.json, metrics.csv, report.html ...: never over a user's own files
+        raise CnnlabError(f"{run_dir} already exists and holds files that are not a run; choose another name "
+                          "(or out_dir), or empty that folder")
     ckpt = load_checkpoint(run_dir, "last") if resume else None  # read (and checked) before anything is written
     if config.threads:
         torch.set_num_threads(config.threads)

@@ -111,6 +111,9 @@ def list_models(pattern: str | None = None, task: str | None = None) -> list[str
 
 def model_info(name: str) -> ModelInfo:
     """The registry entry of ``name``; an unknown name raises with the closest names."""
+    if not isinstance(name, str):
+        raise CnnlabError(f"a model name must be a string such as 'resnet18' (`cnnlab models` lists them), "
+                          f"got {type(name).__name__}")
     if name not in _REGISTRY:
         raise CnnlabError(f"unknown model {name!r}{did_you_mean(name, _REGISTRY)} (`cnnlab models` lists them all)")
     return _REGISTRY[name]
@@ -172,9 +175,13 @@ def create_model(
         overrides.pop("num_classes", None)  # pretrained heads are the source's; replaced below when asked
     try:
         model = info.builder(**overrides)
-    except TypeError as e:
+    except CnnlabError:
+        raise
+    except (TypeError, ValueError) as e:
         if "unexpected keyword argument" not in str(e):
-            raise
+            # a value of the wrong type or range (drop_rate=2, drop_rate="abc") fails deep in torch
+            given = {k: v for k, v in overrides.items() if k not in ("num_classes", "in_channels")}
+            raise CnnlabError(f"{name} cannot be built with the options {given}: {e}") from None
         bad = str(e).split("'")[1] if "'" in str(e) else str(e)
         options = _accepted_options(info.builder)
         raise CnnlabError(

@@ -41,6 +41,10 @@ class StageMaps:
 
 def check_image(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """(C, H, W) or (1, C, H, W) float input -> (1, C, H, W); a channel count the model cannot take is an error."""
+    if not isinstance(x, torch.Tensor):
+        hint = " (convert it with torch.from_numpy)" if type(x).__module__ == "numpy" else ""
+        raise CnnlabError(f"expected the image as a torch.Tensor of shape (C, H, W) or (1, C, H, W), "
+                          f"got {type(x).__name__}{hint}")
     if x.ndim == 3:
         x = x[None]
     if x.ndim != 4 or x.shape[0] != 1:
