@@ -156,8 +156,10 @@ def _train(config: TrainConfig, resume: bool, callbacks: Sequence[EpochCallback]
     for folder in (run_dir, *run_dir.parents):  # fail now, not at mkdir after the data is loaded
         if folder.exists() and not folder.is_dir():
             raise CnnlabError(f"run folder {run_dir}: {folder} is a file; choose another name or out_dir")
-    if not resume and run_dir.is_dir() and not (run_dir / "config.json").exists() and any(run_dir.iterdir()):
-        # a run writes config.json, metrics.csv, report.html ...: never over a user's own files
+    if not resume and run_dir.is_dir() and not (run_dir / "config.json").exists() and any(
+            not p.name.endswith(".tmp") for p in run_dir.iterdir()):
+        # a run writes config.json, metrics.csv, report.html ...: never over a user's own files (under torchrun
+        # rank 0 may already be writing config.json: its temporary file is not someone else's)
         raise CnnlabError(f"{run_dir} already exists and holds files that are not a run; choose another name "
                           "(or out_dir), or empty that folder")
     ckpt = load_checkpoint(run_dir, "last") if resume else None  # read (and checked) before anything is written
