@@ -71,13 +71,15 @@ def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path):
         if row["epoch"] == 2:
             raise Interrupted
 
-    train(tiny_config(tmp_path, "straight", epochs=4))
+    train(tiny_config(tmp_path, "straight", epochs=4, ema_decay=0.9))
     with pytest.raises(Interrupted):  # the same 4-epoch run, interrupted after its second checkpoint
-        train(tiny_config(tmp_path, "split", epochs=4), callbacks=[stop_after_two])
-    resumed = train(tiny_config(tmp_path, "split", epochs=4), resume=True)
+        train(tiny_config(tmp_path, "split", epochs=4, ema_decay=0.9), callbacks=[stop_after_two])
+    resumed = train(tiny_config(tmp_path, "split", epochs=4, ema_decay=0.9), resume=True)
     assert len(resumed.history) == 4
-    a, b = load_file(tmp_path / "straight" / "last.safetensors"), load_file(tmp_path / "split" / "last.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bitwise on the CPU
+    for name in ("last.safetensors", "last.state.safetensors"):  # weights; optimizer state and EMA weights
+        a, b = load_file(tmp_path / "straight" / name), load_file(tmp_path / "split" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name  # bitwise on the CPU
+    assert any(k.startswith("ema.") for k in b)
     rows = list(csv.DictReader(open(tmp_path / "split" / "metrics.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2", "3", "4"]
 

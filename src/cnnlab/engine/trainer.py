@@ -267,6 +267,8 @@ class _Ema:
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.module = copy.deepcopy(model).requires_grad_(False)
         self.decay = decay
+        self._pairs: tuple | None = None  # the tensor lists, gathered once (state_dict loads copy in place)
+        self._source: nn.Module | None = None
 
     @staticmethod
     def _tensors(module: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -275,7 +277,9 @@ class _Ema:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        (avg_float, avg_int), (new_float, new_int) = self._tensors(self.module), self._tensors(model)
+        if self._source is not model:
+            self._source, self._pairs = model, (self._tensors(self.module), self._tensors(model))
+        (avg_float, avg_int), (new_float, new_int) = self._pairs
         torch._foreach_lerp_(avg_float, new_float, 1.0 - self.decay)
         for avg, new in zip(avg_int, new_int):
             avg.copy_(new)
