@@ -80,3 +80,21 @@ def test_folder_errors_name_the_problem(tmp_path):
         read_image(bad, 1, None)
     with pytest.raises(CnnlabError, match="does not exist"):
         folder_splits(tmp_path / "missing")
+
+
+def test_image_size_resizes_a_named_dataset_once(monkeypatch):
+    from cnnlab.engine.config import DataConfig
+    from cnnlab.engine.data_setup import build_data, resize_images
+    from tests.engine._tiny import register_tiny
+
+    register_tiny(monkeypatch)
+    data = build_data(DataConfig(name="tiny", image_size=20, batch_size=16), torch.device("cpu"))
+    x, _ = next(iter(data.train))
+    assert data.input_shape == (1, 20, 20) and x.shape[-2:] == (20, 20) and data.test_images.shape[-2:] == (20, 20)
+    # the same as resizing each image on its own (torchvision's antialiased bilinear), to rounding
+    from torchvision.transforms.functional import InterpolationMode, resize
+
+    images = torch.randint(0, 256, (5, 3, 12, 12), dtype=torch.uint8)
+    ours = resize_images(images, 20, chunk=2)
+    ref = torch.stack([resize(img, [20, 20], InterpolationMode.BILINEAR, antialias=True) for img in images])
+    assert ours.dtype == torch.uint8 and (ours.int() - ref.int()).abs().max() <= 1

@@ -185,3 +185,13 @@ def test_ema_is_the_exponential_average_of_every_step():
     legacy = {f"module.{k}": v + 1 if v.is_floating_point() else v for k, v in ema.state().items()}
     ema.load({**legacy, "n_averaged": torch.tensor(3)})
     torch.testing.assert_close(ema.state()["0.weight"], expected["0.weight"] + 1)
+
+
+def test_resume_refuses_changed_settings_but_may_run_longer(tmp_path):
+    train(tiny_config(tmp_path, epochs=1))
+    changed = tiny_config(tmp_path, epochs=2)
+    changed.optim.lr = 0.2
+    changed.data.flip = False
+    with pytest.raises(CnnlabError, match=r"data.flip \(saved True, given False\); optim.lr \(saved 0.05, given 0.2\)"):
+        train(changed, resume=True)
+    assert len(train(tiny_config(tmp_path, epochs=2), resume=True).history) == 2  # more epochs: allowed

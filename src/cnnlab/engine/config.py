@@ -51,7 +51,7 @@ class DataConfig:
             ``mnist_5k``) or a folder with one sub-folder of images per class.
         root: where the files are cached (default ``~/.cache/cnnlab/data/<name>``).
         val_fraction: share of the training split held out for validation (fixed by the seed).
-        image_size: resize folder images to this square size; None keeps the dataset's.
+        image_size: resize the images to this square size (named datasets: once, when loaded); None keeps theirs.
         normalize: ``standard`` (per-channel mean/std of the training split), ``pca``, ``zca`` or ``none``.
         flip, vflip, crop_padding, resized_crop_scale, rotate, translate, scale, shear, jitter, hue,
             cutout, mixup, cutmix: batched augmentation (0 / False = off); ``jitter`` is the brightness,

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from cnnlab._errors import CnnlabError
 from cnnlab.data import augment as A
@@ -94,6 +95,21 @@ def preprocess_from_state(state: dict[str, Any]) -> Any:
     raise CnnlabError(f"preprocessing {state['kind']!r} cannot be rebuilt from the run folder; use 'standard' for predict")
 
 
+def resize_images(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> uint8 (N, C, size, size), bilinear with antialiasing, once before training.
+
+    Done a chunk at a time so that only the result, never a float copy of the whole set, is held.
+    """
+    if size < 1:
+        raise CnnlabError(f"data.image_size must be a positive size in pixels, got {size}")
+    out = torch.empty((len(images), images.shape[1], size, size), dtype=torch.uint8)
+    for start in range(0, len(images), chunk):
+        x = images[start:start + chunk].float()
+        out[start:start + chunk] = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                                                 align_corners=False).round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
 def split_validation(images: torch.Tensor, labels: torch.Tensor, fraction: float, seed: int):
     """Hold out ``fraction`` of the training split, chosen by a permutation fixed by ``seed``."""
     n_val = int(round(len(images) * fraction))
@@ -110,6 +126,9 @@ def build_data(config: DataConfig, device: torch.device, *, seed: int = 0, chann
     if config.name not in DATASETS and (Path(config.name).is_dir() or "/" in config.name):
         return _build_folder(config, device, seed, channels_last, in_channels)
     data: TensorDataset = load_dataset(config.name, config.root, config.download)
+    if config.image_size and tuple(data.input_shape[1:]) != (config.image_size, config.image_size):
+        data = replace(data, train_images=resize_images(data.train_images, config.image_size),
+                                   test_images=resize_images(data.test_images, config.image_size))
     train_x, train_y = data.train_images, data.train_labels
     if config.train_limit:
         train_x, train_y = train_x[:config.train_limit], train_y[:config.train_limit]

@@ -163,6 +163,8 @@ def _train(config: TrainConfig, resume: bool, callbacks: Sequence[EpochCallback]
         raise CnnlabError(f"{run_dir} already exists and holds files that are not a run; choose another name "
                           "(or out_dir), or empty that folder")
     ckpt = load_checkpoint(run_dir, "last") if resume else None  # read (and checked) before anything is written
+    if ckpt is not None and "config" in ckpt.meta:
+        _check_resume_config(ckpt.meta["config"], config, run_dir)
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -248,6 +250,23 @@ def _train(config: TrainConfig, resume: bool, callbacks: Sequence[EpochCallback]
     if env.is_main:
         _write_results(result, data)
     return result
+
+
+# what a resumed run may change: how long it runs, where and how it reports; not what it computes
+RESUME_MAY_CHANGE = ("epochs", "patience", "quiet", "plots", "device", "threads", "out_dir", "name", "data.root",
+                     "data.download", "data.num_workers", "data.eval_batch_size")
+
+
+def _check_resume_config(saved: dict[str, Any], config: TrainConfig, run_dir: Path) -> None:
+    """A resume continues the same run exactly: a changed learning rate, model or augmentation is refused."""
+    from cnnlab.engine.resumable import config_differences
+
+    changed = config_differences(saved, config.to_dict(), ignore=RESUME_MAY_CHANGE)
+    if changed:
+        raise CnnlabError(f"--resume continues {run_dir} exactly, but these settings differ from its config: "
+                          f"{'; '.join(changed)}. Leave them out (a resume may change only "
+                          f"{', '.join(RESUME_MAY_CHANGE[:6])}, ...), or start a new run from its weights: "
+                          f"--weights {run_dir / 'last.safetensors'}")
 
 
 def model_channels(config: TrainConfig) -> int | None:
