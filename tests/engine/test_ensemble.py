@@ -104,7 +104,7 @@ def test_bootstrap_sample_resamples_only_the_training_split():
     assert 0.62 < len(idx.unique()) / 10_000 < 0.645  # 1 - 1/e = 0.632 distinct images
     config = tiny_config("unused")
     config.data.val_fraction = 0.2
-    plain = trainer_module.build_data(config.data, torch.device("cpu"))
+    plain = build_data(config.data, torch.device("cpu"))
     boot = bootstrap_data(config, seed=5)
     n = len(plain.train.images)
     assert len(boot.train.images) == n and len(boot.train.images.flatten(1).unique(dim=0)) < 0.75 * n

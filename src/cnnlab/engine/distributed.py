@@ -34,8 +34,8 @@ from torch import nn
 from cnnlab._errors import CnnlabError
 from cnnlab.data.loader import TensorLoader, prepare_batch
 
-# epoch metrics averaged over ranks (each rank has the same number of samples); throughput adds up
-_MEAN_KEYS = ("train_loss", "train_acc")
+# epoch metrics (every task's train_<metric>) are averaged over ranks (each rank has the same number of
+# samples); throughput adds up
 _SUM_KEYS = ("images_per_s",)
 
 
@@ -107,12 +107,13 @@ class DistEnv:
         so all ranks take the same early-stopping and best-checkpoint decisions."""
         if not self.enabled:
             return row
-        keys = [k for k in (*_MEAN_KEYS, *_SUM_KEYS) if row.get(k) is not None]
+        means = [k for k in row if k.startswith("train_") and isinstance(row[k], (int, float))]
+        keys = [k for k in (*means, *_SUM_KEYS) if row.get(k) is not None]
         values = torch.tensor([float(row[k]) for k in keys], dtype=torch.float64, device=self._comm_device())
         dist.all_reduce(values)
         out = self.broadcast(dict(row))
         for key, value in zip(keys, values.tolist()):
-            out[key] = value / self.world_size if key in _MEAN_KEYS else value
+            out[key] = value / self.world_size if key in means else value
         return out
 
     def _comm_device(self) -> torch.device:

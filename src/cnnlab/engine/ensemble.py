@@ -29,14 +29,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnlab._errors import CnnlabError
-from cnnlab._io import atomic_write_text
+from cnnlab._io import atomic_write_text, dumps_json
 from cnnlab.engine.checkpoint import load_checkpoint
 from cnnlab.engine.config import TrainConfig
 from cnnlab.engine.data_setup import DataBundle, build_data
 from cnnlab.engine.distributed import is_main_process
 from cnnlab.engine.evaluate import evaluate
 from cnnlab.engine.resumable import Progress, config_differences, read_history, read_json, run_state
-from cnnlab.engine.trainer import RunResult, build_model, model_channels, resolve_device, train, use_amp
+from cnnlab.engine.trainer import (RunResult, build_model, ema_weights, model_channels, reported_checkpoint, resolve_device,
+                                   train, use_amp)
 
 
 @dataclass
@@ -97,12 +98,11 @@ def load_member(run_dir: str | os.PathLike, device: torch.device | str = "cpu") 
         config = TrainConfig.from_dict(json.loads(path.read_text()))
     except json.JSONDecodeError as e:
         raise CnnlabError(f"{path} is not valid JSON ({e})") from None
-    use_best = config.data.val_fraction > 0 and (run_dir / "best.json").is_file()
-    ckpt = load_checkpoint(run_dir, "best" if use_best else "last")
-    weights, tag = ckpt.weights, "best" if use_best else "last"
-    if not use_best and ckpt.ema is not None:  # the trainer tests the EMA weights when it keeps them
-        weights = {k[len("module."):]: v for k, v in ckpt.ema.items() if k.startswith("module.")}
-        tag = "last+ema"
+    tag = reported_checkpoint(run_dir, config)
+    ckpt = load_checkpoint(run_dir, tag)
+    weights = ckpt.weights
+    if tag == "last" and ckpt.ema is not None:  # the trainer tests the EMA weights when it keeps them
+        weights, tag = ema_weights(ckpt.ema), "last+ema"
     meta = ckpt.meta
     shape = tuple(meta["input_shape"])
     model = build_model(config, int(meta["num_classes"]), shape, None)  # type: ignore[arg-type]
@@ -269,7 +269,7 @@ def train_bagged(config: TrainConfig, n: int, *, resume: bool = False) -> Baggin
     main = is_main_process()  # under torchrun every rank trains the same members; rank 0 writes
     if main and not resume:
         bag_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(bag_dir / "bagging.json", json.dumps(summary, indent=2))
+        atomic_write_text(bag_dir / "bagging.json", dumps_json(summary, indent=2))
     say = (lambda text: print(text, flush=True)) if not config.quiet and main else (lambda text: None)
     runs: list[RunResult] = []
     progress = Progress(n * config.epochs)
@@ -293,7 +293,7 @@ def train_bagged(config: TrainConfig, n: int, *, resume: bool = False) -> Baggin
                                        "bootstrap_seed": seed})
             summary["bootstrap_seeds"].append(seed)
             if main:
-                atomic_write_text(bag_dir / "bagging.json", json.dumps(summary, indent=2))
+                atomic_write_text(bag_dir / "bagging.json", dumps_json(summary, indent=2))
             acc = f"test acc {run.test.accuracy:.4f}" if run.test else ""
             say(f"bagging: member {i + 1}/{n} {how}: {acc}  [{progress.line()}]")
     except KeyboardInterrupt:
@@ -303,7 +303,7 @@ def train_bagged(config: TrainConfig, n: int, *, resume: bool = False) -> Baggin
     summary = {"version": 1, "status": "done", "n": n, "config": config.to_dict(),
                "bootstrap_seeds": summary["bootstrap_seeds"], **result.to_dict()}
     if main:
-        atomic_write_text(bag_dir / "bagging.json", json.dumps(summary, indent=2))
+        atomic_write_text(bag_dir / "bagging.json", dumps_json(summary, indent=2))
     return BaggingResult(bag_dir, runs, result)
 
 

@@ -31,6 +31,11 @@ class EvalResult:
     count: int = 0
 
     @property
+    def metrics(self) -> dict[str, float]:
+        """The task interface's view (``cnnlab.engine.tasks``): ``acc`` and ``top<k>``."""
+        return {"acc": self.accuracy, **{f"top{k}": v for k, v in self.topk.items()}}
+
+    @property
     def precision(self) -> torch.Tensor:
         """Per class: correct / predicted as that class (0 where never predicted)."""
         return self.confusion.diag() / self.confusion.sum(0).clamp(min=1)

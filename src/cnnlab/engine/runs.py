@@ -19,7 +19,9 @@ class LoadedRun:
 
     Args:
         model: eval mode, on the CPU; config: the run's TrainConfig; classes: label names;
-        input_shape: (C, H, W) it was trained on; preprocess: the fitted normalisation state; tag: best or last.
+        input_shape: (C, H, W) it was trained on; preprocess: the fitted normalisation state;
+        tag: the weights loaded, by default those the run reported (``best``, ``last`` or ``last+ema``);
+        task: the run's task (``classification``, ``reconstruction``).
     """
 
     model: nn.Module
@@ -29,10 +31,11 @@ class LoadedRun:
     preprocess: dict[str, Any]
     tag: str
     epoch: int
+    task: str = "classification"
 
 
 def load_run(run_dir: str | os.PathLike, tag: str | None = None) -> LoadedRun:
-    """Rebuild the model of ``run_dir`` from its ``best`` checkpoint (else ``last``, or ``tag``)."""
+    """Rebuild the model of ``run_dir`` that the run reported (see ``trainer.reported_checkpoint``), or ``tag``'s."""
     from cnnlab.models import create_model
 
     run_dir = Path(run_dir)
@@ -47,12 +50,17 @@ def load_run(run_dir: str | os.PathLike, tag: str | None = None) -> LoadedRun:
             raise CnnlabError(f"{run_dir} is not a run folder (no config.json, best.json or last.json); {expected}")
         raise CnnlabError(f"{run_dir} holds no checkpoint yet (the run stopped before its first epoch ended); "
                           "continue it with `cnnlab train --resume` or train it again")
-    if tag is None:
-        tag = saved[0]
+    if tag is None:  # the model the run reported (results.json): the trainer's rule
+        from cnnlab.engine.trainer import reported_checkpoint
+
+        tag = reported_checkpoint(run_dir, _saved_config(run_dir, saved[-1]))
+        if tag not in saved:
+            tag = saved[0]
     elif tag not in saved:
         raise CnnlabError(f"{run_dir} has no {tag!r} checkpoint; it has: {', '.join(saved)}")
     ckpt = load_checkpoint(run_dir, tag)
     meta = ckpt.meta
+    use_ema = tag == "last" and ckpt.ema is not None  # what the trainer tested when the run kept an EMA
     try:
         config = TrainConfig.from_dict(meta["config"])
         input_shape = tuple(meta["input_shape"])
@@ -60,10 +68,30 @@ def load_run(run_dir: str | os.PathLike, tag: str | None = None) -> LoadedRun:
     except (KeyError, TypeError) as e:
         raise CnnlabError(f"{run_dir}/{tag}.json is corrupt: it lacks {e} (the model, classes and input shape "
                           "a checkpoint records)") from None
-    options = {k: v for k, v in config.model.options.items() if k != "in_channels"}
-    model = create_model(meta["model"], num_classes=meta["num_classes"], in_channels=input_shape[0], **options)
+    options = {k: v for k, v in config.model.options.items() if k not in ("in_channels", "num_classes")}
+    from cnnlab.engine.tasks import task_class
+
+    if task_class(meta.get("task", "classification")).model_takes_num_classes:
+        options["num_classes"] = meta["num_classes"]
+    model = create_model(meta["model"], in_channels=input_shape[0], **options)
     try:
-        model.load_state_dict(ckpt.weights)
+        if use_ema:
+            from cnnlab.engine.trainer import ema_weights
+
+            model.load_state_dict(ema_weights(ckpt.ema))
+        else:
+            model.load_state_dict(ckpt.weights)
     except RuntimeError as e:
         raise CnnlabError(f"{run_dir}/{tag}.safetensors does not fit {meta['model']}: {str(e).splitlines()[0]}") from None
-    return LoadedRun(model.eval(), config, list(meta["classes"]), input_shape, meta["preprocess"], tag, meta["epoch"])
+    return LoadedRun(model.eval(), config, list(meta["classes"]), input_shape, meta["preprocess"],
+                     "last+ema" if use_ema else tag, meta["epoch"], meta.get("task", "classification"))
+
+
+def _saved_config(run_dir: Path, tag: str) -> TrainConfig:
+    """The run's config (config.json, else the one its checkpoint recorded)."""
+    import json
+
+    try:
+        return TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    except (OSError, ValueError, CnnlabError):
+        return TrainConfig.from_dict(load_checkpoint(run_dir, tag).meta.get("config", {}))

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cnnlab._errors import CnnlabError
@@ -23,10 +22,13 @@ from cnnlab._io import atomic_write_text
 from cnnlab.engine import report
 from cnnlab.engine.checkpoint import load_checkpoint, save_checkpoint
 from cnnlab.engine.config import TrainConfig, validate
-from cnnlab.engine.data_setup import DataBundle, build_data
+from cnnlab.engine.data_setup import DataBundle
 from cnnlab.engine.distributed import setup_distributed
-from cnnlab.engine.evaluate import EvalResult, autocast, evaluate
+from cnnlab.engine.evaluate import EvalResult, autocast
 from cnnlab.engine.optim import build_optimizer, freeze, lr_factor, penalty, set_lr
+from cnnlab.engine.tasks import Task, TaskResult, get_task
+from cnnlab.engine.tasks._model import model_channels
+from cnnlab.engine.time_budget import TimeBudget
 
 EpochCallback = Callable[[dict[str, Any]], None]
 
@@ -41,7 +43,8 @@ class RunResult:
 
     Args:
         run_dir: the run folder; history: one dict per epoch (the rows of metrics.csv).
-        test: metrics on the test split of the model reported (best by validation, else last).
+        test: metrics on the test split of the model reported (best by validation, else last): an
+            EvalResult for classification, a TaskResult (``.loss``, ``.metrics``) for other tasks.
         model: that model, in eval mode, on the training device.
         best_epoch: epoch of the best validation metric (the last epoch without validation).
         stopped_early: early stopping ended the run before ``config.epochs``.
@@ -51,13 +54,15 @@ class RunResult:
     run_dir: Path
     config: TrainConfig
     history: list[dict[str, Any]]
-    test: EvalResult | None
+    test: EvalResult | TaskResult | None
     model: nn.Module = field(repr=False)
     classes: list[str] = field(default_factory=list)
     best_epoch: int = 0
     stopped_early: bool = False
     wall_s: float = 0.0
     cpu_s: float = 0.0
+    task: str = "classification"
+    planned_steps: int | None = None  # the steps a time budget allowed (None: the epochs decided)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -78,45 +83,23 @@ def use_amp(amp: str, device: torch.device) -> bool:
 
 
 def run_folder(config: TrainConfig) -> Path:
-    name = config.name or f"{config.model.name}-{Path(config.data.name).name}-{datetime.now():%Y%m%d-%H%M%S}"
-    return Path(config.out_dir) / name
+    """``out_dir/name``; without a name, ``model-data-date`` made unique (two runs in one second: ``-2``)."""
+    if config.name:
+        return Path(config.out_dir) / config.name
+    base = Path(config.out_dir) / f"{config.model.name}-{Path(config.data.name).name}-{datetime.now():%Y%m%d-%H%M%S}"
+    folder, n = base, 1
+    while folder.exists():
+        n += 1
+        folder = base.with_name(f"{base.name}-{n}")
+    return folder
 
 
 def build_model(config: TrainConfig, num_classes: int, input_shape: tuple[int, int, int], weights: str | None) -> nn.Module:
-    """The configured model for this data; a model that cannot take these images fails here, clearly.
+    """The configured model for data with ``num_classes`` classes and images of ``input_shape`` (its task's rules)."""
+    from cnnlab.engine.tasks._model import build_registered_model
 
-    ``weights`` is ``"torchvision"``/``"timm"`` (pretrained, head replaced for ``num_classes``) or a
-    weights file: everything but a classifier of another size must fit (transfer learning).
-    """
-    from cnnlab.models import create_model, load_weights
-
-    from_file = weights is not None and weights not in ("torchvision", "timm")
-    options = dict(config.model.options)
-    if options.pop("num_classes", num_classes) != num_classes:
-        raise CnnlabError(f"model.options.num_classes={config.model.options['num_classes']} but data "
-                          f"{config.data.name!r} has {num_classes} classes; leave it out (it comes from the data)")
-    if options.pop("in_channels", input_shape[0]) != input_shape[0]:
-        raise CnnlabError(f"model.options.in_channels={config.model.options['in_channels']} but data "
-                          f"{config.data.name!r} has {input_shape[0]}-channel images")
-    model = create_model(config.model.name, num_classes=num_classes, in_channels=input_shape[0],
-                         weights=None if from_file else weights, **options)
-    if from_file:
-        result = load_weights(model, weights, strict=False)
-        head = getattr(model, "head_name", "fc")
-        bad = [k for k in result.missing + result.unexpected + [m.split(":")[0] for m in result.mismatched]
-               if not (k == head or k.startswith(head + "."))]
-        if bad:
-            raise CnnlabError(f"model.weights={weights} does not fit {config.model.name}: {', '.join(bad[:8])}"
-                              + (" ..." if len(bad) > 8 else ""))
-    check = getattr(model, "check_input", None)
-    if check is not None:
-        try:
-            with torch.device("meta"):
-                check(torch.empty(1, *input_shape))
-        except CnnlabError as e:
-            raise CnnlabError(f"data {config.data.name!r} has images of shape {input_shape}, which "
-                              f"{config.model.name} cannot take: {e}; resize them with data.image_size") from None
-    return model
+    task = get_task(config)
+    return build_registered_model(config, input_shape, weights, num_classes if task.model_takes_num_classes else None)
 
 
 def _log(config: TrainConfig, text: str) -> None:
@@ -132,11 +115,13 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks: Sequence[Epoc
     from the epoch after it: on the CPU the final weights equal those of an uninterrupted run.
     ``callbacks`` are called with each epoch's metrics row (hyper-parameter search, ensembles);
     ``data`` replaces the loaders built from ``config.data`` (bootstrap samples, custom datasets).
+    ``config`` itself is not changed (the run works on a copy, returned in the result).
     """
     if not isinstance(config, TrainConfig):  # validate() would fail on a dict with an AttributeError
         raise CnnlabError(f"train() takes a TrainConfig (cnnlab.engine.TrainConfig, or TrainConfig.from_dict(d)), "
                           f"got {type(config).__name__}")
     validate(config)
+    config = copy.deepcopy(config)
     threads = torch.get_num_threads()
     try:
         return _train(config, resume, callbacks, data)
@@ -144,13 +129,7 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks: Sequence[Epoc
         torch.set_num_threads(threads)  # config.threads holds for this run only
 
 
-def _train(config: TrainConfig, resume: bool, callbacks: Sequence[EpochCallback], data: DataBundle | None) -> RunResult:
-    wall0, cpu0 = time.perf_counter(), time.process_time()
-    env = setup_distributed(resolve_device(config.device))  # a no-op unless started by torchrun
-    run_dir = env.broadcast(run_folder(config))  # rank 0's name (it holds the date) on every rank
-    config.quiet = config.quiet or not env.is_main  # one process prints
-    if not config.name:
-        config.name = run_dir.name
+def _check_run_folder(run_dir: Path, resume: bool) -> None:
     if not resume and (run_dir / "last.json").exists():
         raise CnnlabError(f"run folder {run_dir} already holds a run; resume it (--resume) or choose another name")
     for folder in (run_dir, *run_dir.parents):  # fail now, not at mkdir after the data is loaded
@@ -162,9 +141,23 @@ def _train(config: TrainConfig, resume: bool, callbacks: Sequence[EpochCallback]
         # rank 0 may already be writing config.json: its temporary file is not someone else's)
         raise CnnlabError(f"{run_dir} already exists and holds files that are not a run; choose another name "
                           "(or out_dir), or empty that folder")
+
+
+def _train(config: TrainConfig, resume: bool, callbacks: Sequence[EpochCallback], data: DataBundle | None) -> RunResult:
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    task = get_task(config)
+    if config.monitor not in task.monitor_keys():
+        raise CnnlabError(f"monitor={config.monitor!r} is not a metric of the {task.name} task; choose "
+                          f"{', '.join(task.monitor_keys())}")
+    env = setup_distributed(resolve_device(config.device))  # a no-op unless started by torchrun
+    run_dir = env.broadcast(run_folder(config))  # rank 0's name (it holds the date) on every rank
+    config.quiet = config.quiet or not env.is_main  # one process prints
+    if not config.name:
+        config.name = run_dir.name
+    _check_run_folder(run_dir, resume)
     ckpt = load_checkpoint(run_dir, "last") if resume else None  # read (and checked) before anything is written
     if ckpt is not None and "config" in ckpt.meta:
-        _check_resume_config(ckpt.meta["config"], config, run_dir)
+        _check_resume_config(ckpt.meta["config"], config, run_dir, ckpt.meta.get("planned_steps"))
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -173,10 +166,10 @@ def _train(config: TrainConfig, resume: bool, callbacks: Sequence[EpochCallback]
     channels_last = config.model.channels_last
 
     if data is None:
-        data = build_data(config.data, device, seed=config.seed, channels_last=channels_last,
-                          in_channels=model_channels(config))
+        data = task.build_data(config, device)
     data = env.shard(data)  # each rank sees its part of every global batch
-    model = build_model(config, data.num_classes, data.input_shape, None if ckpt else config.model.weights)
+    task.prepare(data)
+    model = task.build_model(config, data, None if ckpt else config.model.weights)
     if config.model.freeze:
         freeze(model, config.model.freeze)
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -184,7 +177,7 @@ def _train(config: TrainConfig, resume: bool, callbacks: Sequence[EpochCallback]
     ema = _Ema(model, config.optim.ema_decay) if config.optim.ema_decay else None
 
     history: list[dict[str, Any]] = []
-    state = {"epoch": 0, "step": 0, "best": None, "best_epoch": 0, "bad_epochs": 0}
+    state = {"epoch": 0, "step": 0, "best": None, "best_epoch": 0, "bad_epochs": 0, "planned_steps": None}
     if ckpt is not None:
         model.load_state_dict(ckpt.weights)
         if ckpt.optimizer is not None:
@@ -193,45 +186,52 @@ def _train(config: TrainConfig, resume: bool, callbacks: Sequence[EpochCallback]
             ema.load(ckpt.ema)
         history = ckpt.meta.get("history", [])
         state.update({k: ckpt.meta[k] for k in state if k in ckpt.meta})
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.json", config.to_json())
     _log(config, f"run {run_dir}  ({'resumed at epoch ' + str(state['epoch']) if ckpt else 'new'})\nconfig:\n{config.describe()}")
-    _log(config, f"device {device}{' (bf16 autocast)' if amp else ''}, {sum(p.numel() for p in model.parameters()):,} "
-                 f"parameters, {len(data.train)} steps per epoch, classes: {len(data.classes)}")
+    _log(config, f"{task.name} task, device {device}{' (bf16 autocast)' if amp else ''}, "
+                 f"{sum(p.numel() for p in model.parameters()):,} parameters, {len(data.train)} steps per epoch, "
+                 f"classes: {len(data.classes)}")
 
     net = env.wrap(model)  # DistributedDataParallel under torchrun, else the model itself
     if config.model.compile:  # the checkpoints keep saving `model`: its keys have no `_orig_mod.` prefix
         net = torch.compile(net, mode=None if config.model.compile_mode == "default" else config.model.compile_mode)
     steps_per_epoch = len(data.train)
-    total_steps = steps_per_epoch * config.epochs
-    meta_base = {"model": config.model.name, "num_classes": data.num_classes, "input_shape": list(data.input_shape),
-                 "classes": data.classes, "preprocess": data.preprocess_state, "config": config.to_dict()}
+    budget = None
+    if config.time_budget and state["planned_steps"] is None:
+        budget = TimeBudget(config.time_budget, wall0, state["step"])
+    meta_base = {"model": config.model.name, "task": task.name, "num_classes": data.num_classes,
+                 "input_shape": list(data.input_shape), "classes": data.classes,
+                 "preprocess": data.preprocess_state, "config": config.to_dict()}
+    loop = _Loop(task, net, model, data, optimizer, ema, config, state, steps_per_epoch, device, amp, run_dir,
+                 budget, env)
     stopped_early = False
     for epoch in range(state["epoch"], config.epochs):
+        if state["planned_steps"] is not None and state["step"] >= state["planned_steps"]:
+            break  # the time budget's steps are done
         # dropout & co. depend on the epoch (and rank) only: exact resumes
         torch.manual_seed(config.seed * 7919 + epoch + 1_000_003 * env.rank)
         if hasattr(data.train, "set_epoch"):
             data.train.set_epoch(epoch)
-        row = _train_epoch(net, model, data, optimizer, ema, config, state, epoch, steps_per_epoch, total_steps,
-                           device, amp, run_dir)
+        row = loop.epoch(epoch)
         eval_model = ema.module if ema is not None else model
         env.sync_buffers(model, eval_model)  # rank 0's BatchNorm statistics everywhere
         if data.val is not None:
-            val = evaluate(eval_model, data.val, data.num_classes, amp=amp, tta_flip=config.tta_flip)
-            row.update(val_loss=val.loss, val_acc=val.accuracy)
+            val = task.evaluate(eval_model, data.val, data, amp=amp, tta_flip=config.tta_flip)
+            row.update(val_loss=val.loss, **{f"val_{m}": val.metrics[m] for m in task.metrics})
         row = env.reduce_row(row)  # one row on every rank: the same early-stopping decision
         history.append(row)
         state["epoch"] = epoch + 1
-        improved = _update_best(config, state, row)
+        improved = _update_best(task, config, state, row)
         meta = dict(meta_base, **state, history=history)
         ema_state = ema.state() if ema is not None else None
-        if improved and env.is_main:
-            save_checkpoint(run_dir, "best", eval_model, meta, None, None)
         if env.is_main:
-            save_checkpoint(run_dir, "last", model, meta, optimizer, ema_state)
-            report.write_metrics(run_dir / "metrics.csv", history)
-        _log(config, _epoch_line(row, config.epochs))
+            if not (run_dir / "config.json").exists():  # written with the first checkpoint: a run that fails
+                run_dir.mkdir(parents=True, exist_ok=True)  # before it leaves no folder behind
+                atomic_write_text(run_dir / "config.json", config.to_json())
+            if improved and data.val is not None:  # `best` exists only where validation chose it
+                save_checkpoint(run_dir, "best", eval_model, meta, None, None, data.preprocess_tensors)
+            save_checkpoint(run_dir, "last", model, meta, optimizer, ema_state, data.preprocess_tensors)
+            report.write_metrics(run_dir / "metrics.csv", history, columns=list(row))
+        _log(config, _epoch_line(row, loop.epochs_planned()))
         for callback in callbacks:
             callback(row)
         if config.patience and state["bad_epochs"] >= config.patience:
@@ -242,14 +242,23 @@ def _train(config: TrainConfig, resume: bool, callbacks: Sequence[EpochCallback]
 
     env.barrier()  # rank 0 has written the checkpoint every rank reads next
     final = ema.module if ema is not None else model
-    if data.val is not None and (run_dir / "best.safetensors").exists():
+    tag = reported_checkpoint(run_dir, config)
+    if tag == "best":
         final.load_state_dict(load_checkpoint(run_dir, "best").weights)  # report the model chosen on validation
-    test = evaluate(final, data.test, data.num_classes, amp=amp, tta_flip=config.tta_flip)
+    test = task.evaluate(final, data.test, data, amp=amp, tta_flip=config.tta_flip)
     result = RunResult(run_dir, config, history, test, final.eval(), data.classes, state["best_epoch"] or state["epoch"],
-                       stopped_early, time.perf_counter() - wall0, time.process_time() - cpu0)
+                       stopped_early, time.perf_counter() - wall0, time.process_time() - cpu0, task.name,
+                       state["planned_steps"])
     if env.is_main:
-        _write_results(result, data)
+        _write_results(result, task, data, tag)
     return result
+
+
+def reported_checkpoint(run_dir: Path, config: TrainConfig) -> str:
+    """The one rule for which weights a run stands for: ``best`` when a validation split chose them, else
+    ``last`` (its EMA weights when the run kept an EMA). ``train()``, ``cnnlab eval``/``predict``/
+    ``explain`` and ensembles all follow it, so they report the same model."""
+    return "best" if config.data.val_fraction > 0 and (run_dir / "best.json").is_file() else "last"
 
 
 # what a resumed run may change: how long it runs, where and how it reports; not what it computes
@@ -257,22 +266,26 @@ RESUME_MAY_CHANGE = ("epochs", "patience", "quiet", "plots", "device", "threads"
                      "data.download", "data.num_workers", "data.eval_batch_size")
 
 
-def _check_resume_config(saved: dict[str, Any], config: TrainConfig, run_dir: Path) -> None:
-    """A resume continues the same run exactly: a changed learning rate, model or augmentation is refused."""
+def _check_resume_config(saved: dict[str, Any], config: TrainConfig, run_dir: Path, planned_steps: int | None) -> None:
+    """A resume continues the same run exactly: a changed learning rate, model or augmentation is refused.
+
+    More (or fewer) epochs are allowed where the schedule does not depend on the run's length
+    (``constant``, ``step``: the same schedule continues). ``onecycle`` and ``cosine`` are laid over
+    all the steps, so a new length would change the learning rate of the steps already planned:
+    refused, unless a time budget already fixed the steps (then ``epochs`` is only an upper limit).
+    """
     from cnnlab.engine.resumable import config_differences
 
     changed = config_differences(saved, config.to_dict(), ignore=RESUME_MAY_CHANGE)
+    saved_epochs = saved.get("epochs", config.epochs)
+    if (saved_epochs != config.epochs and config.optim.schedule in ("onecycle", "cosine") and planned_steps is None):
+        changed.append(f"epochs: {saved_epochs} -> {config.epochs} (the {config.optim.schedule} schedule is laid over "
+                       f"the run's {saved_epochs} epochs; a new length would change it)")
     if changed:
         raise CnnlabError(f"--resume continues {run_dir} exactly, but these settings differ from its config: "
                           f"{'; '.join(changed)}. Leave them out (a resume may change only "
                           f"{', '.join(RESUME_MAY_CHANGE[:6])}, ...), or start a new run from its weights: "
                           f"--weights {run_dir / 'last.safetensors'}")
-
-
-def model_channels(config: TrainConfig) -> int | None:
-    from cnnlab.models import model_info
-
-    return model_info(config.model.name).default_input[0] if "in_channels" not in config.model.options else config.model.options["in_channels"]
 
 
 class _Ema:
@@ -307,70 +320,134 @@ class _Ema:
         return self.module.state_dict()
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
-        if "n_averaged" in state:  # written by cnnlab <= 0.1 (torch's AveragedModel): keys under "module."
-            state = {k.removeprefix("module."): v for k, v in state.items() if k != "n_averaged"}
-        self.module.load_state_dict(state)
+        self.module.load_state_dict(ema_weights(state))
 
 
-def _train_epoch(net, model, data: DataBundle, optimizer, ema, config: TrainConfig, state, epoch, steps_per_epoch,
-                 total_steps, device, amp, run_dir) -> dict[str, Any]:
-    from tqdm import tqdm
-
-    model.train()
-    wall0, cpu0 = time.perf_counter(), time.process_time()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device)
-    seen, lr = 0, optimizer.param_groups[0]["lr"]
-    check_every = 1 if device.type == "cpu" else 50  # a NaN check is a host sync on GPUs
-    bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, unit="batch",
-               disable=config.quiet or not sys.stderr.isatty(), dynamic_ncols=True)
-    for i, (x, y) in enumerate(data.train):
-        lr = set_lr(optimizer, lr_factor(config.optim, state["step"], steps_per_epoch, total_steps))
-        with autocast(device, amp):
-            logits = net(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=config.optim.label_smoothing)
-        extra = penalty(model, config.optim.l1, config.optim.l2)
-        if extra is not None:
-            loss = loss + extra
-        if (i + 1) % check_every == 0 and not math.isfinite(loss.item()):
-            bar.close()
-            raise TrainingDiverged(
-                f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}: training stopped. The last good "
-                f"checkpoint ({'epoch ' + str(state['epoch']) if state['epoch'] else 'none yet'}) is kept in {run_dir}. "
-                "Try a lower optim.lr, optim.clip_grad_norm=1 or amp=none")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.optim.clip_grad_norm:
-            nn.utils.clip_grad_norm_(model.parameters(), config.optim.clip_grad_norm)
-        optimizer.step()
-        if ema is not None:
-            ema.update(model)
-        state["step"] += 1
-        hard = y.argmax(1) if y.ndim == 2 else y
-        loss_sum += loss.detach() * len(y)
-        correct += (logits.detach().argmax(1) == hard).sum()
-        seen += len(y)
-        if not bar.disable and (bar.n % 10 == 0 or i + 1 == steps_per_epoch):  # .item() syncs a GPU
-            elapsed = time.perf_counter() - wall0
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct.item() / seen:.3f}", img_s=f"{seen / elapsed:.0f}")
-        bar.update(1)
-    bar.close()
-    if not math.isfinite(loss_sum.item()):
-        raise TrainingDiverged(f"loss became {loss_sum.item()} during epoch {epoch + 1}: training stopped; the last good "
-                               f"checkpoint is kept in {run_dir}. Try a lower optim.lr or optim.clip_grad_norm=1")
-    elapsed = time.perf_counter() - wall0
-    return {"epoch": epoch + 1, "train_loss": loss_sum.item() / max(seen, 1), "train_acc": correct.item() / max(seen, 1),
-            "val_loss": None, "val_acc": None, "lr": lr, "time_s": elapsed, "cpu_s": time.process_time() - cpu0,
-            "images_per_s": seen / max(elapsed, 1e-9)}
+def ema_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A checkpoint's EMA state as the model's state_dict (cnnlab <= 0.1 saved torch's AveragedModel:
+    keys under ``module.`` and a step counter ``n_averaged``; later versions save plain keys)."""
+    if "n_averaged" in state:
+        return {k.removeprefix("module."): v for k, v in state.items() if k != "n_averaged"}
+    return dict(state)
 
 
-def _update_best(config: TrainConfig, state: dict[str, Any], row: dict[str, Any]) -> bool:
-    """Track the monitored metric (validation when there is a split, else training loss)."""
+class _Loop:
+    """One epoch of optimisation steps, for any task: the task forwards a batch and computes the loss."""
+
+    def __init__(self, task: Task, net, model, data: DataBundle, optimizer, ema, config: TrainConfig, state,
+                 steps_per_epoch: int, device: torch.device, amp: bool, run_dir: Path, budget: TimeBudget | None,
+                 env) -> None:
+        self.task, self.net, self.model, self.data, self.optimizer, self.ema = task, net, model, data, optimizer, ema
+        self.config, self.state, self.steps_per_epoch = config, state, steps_per_epoch
+        self.device, self.amp, self.run_dir, self.budget, self.env = device, amp, run_dir, budget, env
+        self.limit = steps_per_epoch * config.epochs
+
+    def total_steps(self) -> int:
+        """What the schedule is laid over: the budget's steps once planned, else all the epochs'."""
+        return self.state["planned_steps"] or self.limit
+
+    def epochs_planned(self) -> int:
+        return -(-self.total_steps() // self.steps_per_epoch)
+
+    def _plan(self) -> None:
+        """The time budget's decision, taken once on rank 0 and shared (every rank runs the same steps)."""
+        data, task = self.data, self.task
+        evaluate_model = self.ema.module if self.ema is not None else self.model
+
+        def one_batch(batches):
+            def run():
+                task.evaluate(evaluate_model, _first(batches), data, amp=self.amp, tta_flip=self.config.tta_flip)
+            return run
+
+        from cnnlab.engine.time_budget import eval_pass_seconds
+
+        val_s = eval_pass_seconds(one_batch(data.val), len(data.val)) if data.val is not None else 0.0
+        test_s = eval_pass_seconds(one_batch(data.test), len(data.test))
+        plan = self.budget.plan(self.state["step"], self.steps_per_epoch, self.limit, val_s, test_s)
+        plan = self.env.broadcast(plan)
+        self.state["planned_steps"] = plan.steps
+        self.budget = None
+        _log(self.config, plan.describe(self.steps_per_epoch, self.limit, self.config.time_budget))
+
+    def epoch(self, epoch: int) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        task, config, state, optimizer, model = self.task, self.config, self.state, self.optimizer, self.model
+        model.train()
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        meter = task.meter(self.device)
+        lr = optimizer.param_groups[0]["lr"]
+        check_every = 1 if self.device.type == "cpu" else 50  # a NaN check is a host sync on GPUs
+        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.epochs_planned()}", leave=False,
+                   unit="batch", disable=config.quiet or not sys.stderr.isatty(), dynamic_ncols=True)
+        loss = None
+        for i, batch in enumerate(self.data.train):
+            if state["planned_steps"] is not None and state["step"] >= state["planned_steps"]:
+                break  # the time budget ends this (last) epoch early
+            lr = set_lr(optimizer, lr_factor(config.optim, state["step"], self.steps_per_epoch, self.total_steps()))
+            with autocast(self.device, self.amp):
+                out = task.step(self.net, batch, config)
+            loss = out.loss
+            extra = penalty(model, config.optim.l1, config.optim.l2)
+            if extra is not None:
+                loss = loss + extra
+            if (i + 1) % check_every == 0 and not math.isfinite(loss.item()):
+                bar.close()
+                raise self._diverged(f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.optim.clip_grad_norm:
+                nn.utils.clip_grad_norm_(model.parameters(), config.optim.clip_grad_norm)
+            optimizer.step()
+            if self.ema is not None:
+                self.ema.update(model)
+            state["step"] += 1
+            meter.update(out)
+            if self.budget is not None and self.budget.after_step(state["step"]):
+                self._plan()
+                bar.total = min(self.steps_per_epoch, self.total_steps() - epoch * self.steps_per_epoch)
+            if not bar.disable and (bar.n % 10 == 0 or i + 1 == self.steps_per_epoch):  # .item() syncs a GPU
+                bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{meter.seen / (time.perf_counter() - wall0):.0f}")
+            bar.update(1)
+        bar.close()
+        values = meter.compute()
+        if not math.isfinite(values["loss"]) or not _finite_weights(model):
+            # the loss of the last step is in the mean; weights a last step made NaN are caught here
+            raise self._diverged(f"{'loss' if not math.isfinite(values['loss']) else 'the weights'} became "
+                                 f"non-finite during epoch {epoch + 1}")
+        elapsed = time.perf_counter() - wall0
+        row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": values["loss"]}
+        row.update({f"train_{m}": values[m] for m in task.metrics})
+        row.update({"val_loss": None, **{f"val_{m}": None for m in task.metrics}})
+        row.update(lr=lr, time_s=elapsed, cpu_s=time.process_time() - cpu0,
+                   images_per_s=meter.seen / max(elapsed, 1e-9))
+        return row
+
+    def _diverged(self, what: str) -> TrainingDiverged:
+        kept = f"epoch {self.state['epoch']}" if self.state["epoch"] else "none yet"
+        return TrainingDiverged(f"{what}: training stopped. The last good checkpoint ({kept}) is kept in {self.run_dir}. "
+                                "Try a lower optim.lr, optim.clip_grad_norm=1 or amp=none")
+
+
+def _first(batches):
+    """The first batch of a loader, as a one-batch iterable."""
+    for batch in batches:
+        return [batch]
+    return []
+
+
+def _finite_weights(model: nn.Module) -> bool:
+    """One host sync per epoch: are all parameters finite (a last step can turn them NaN with a finite loss)?"""
+    norms = [p.detach().float().abs().max() for p in model.parameters() if p.is_floating_point() and p.numel()]
+    return not norms or bool(torch.stack(norms).isfinite().all())
+
+
+def _update_best(task: Task, config: TrainConfig, state: dict[str, Any], row: dict[str, Any]) -> bool:
+    """Track the monitored metric (validation when there is a split, else the training loss)."""
     key = config.monitor if row.get("val_loss") is not None else "train_loss"
     value = row[key]
-    higher = key.endswith("acc")
     best = state["best"]
-    if best is None or (value > best if higher else value < best):
+    if best is None or (value > best if task.higher_is_better(key) else value < best):
         state.update(best=value, best_epoch=row["epoch"], bad_epochs=0)
         return True
     state["bad_epochs"] += 1
@@ -378,27 +455,45 @@ def _update_best(config: TrainConfig, state: dict[str, Any], row: dict[str, Any]
 
 
 def _epoch_line(row: dict[str, Any], epochs: int) -> str:
-    text = f"epoch {row['epoch']:>3}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
+    def metrics(split: str) -> str:
+        return " ".join(f"{k[len(split) + 1:]} {v:.4f}" for k, v in row.items()
+                        if k.startswith(split + "_") and v is not None)
+
+    text = f"epoch {row['epoch']:>3}/{epochs}  train {metrics('train')}"
     if row.get("val_loss") is not None:
-        text += f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}"
+        text += f"  val {metrics('val')}"
     return text + f"  lr {row['lr']:.3g}  {row['time_s']:.1f}s ({row['cpu_s']:.1f} cpu-s, {row['images_per_s']:.0f} img/s)"
 
 
-def _write_results(result: RunResult, data: DataBundle) -> None:
+def _write_results(result: RunResult, task: Task, data: DataBundle, tag: str) -> None:
     run_dir, test = result.run_dir, result.test
-    summary = {"test_accuracy": test.accuracy, "test_loss": test.loss, "test_topk": test.topk,
+    summary = {"task": task.name, **task.summary(test),
+               "test_metrics": {"loss": test.loss, **test.metrics}, "reported_checkpoint": tag,
                "best_epoch": result.best_epoch, "epochs_run": len(result.history), "stopped_early": result.stopped_early,
-               "wall_s": result.wall_s, "cpu_s": result.cpu_s, "classes": result.classes,
-               "confusion": test.confusion.tolist(), "precision": test.precision.tolist(), "recall": test.recall.tolist()}
-    atomic_write_text(run_dir / "results.json", json.dumps(summary, indent=2))
+               "planned_steps": result.planned_steps, "time_budget_s": result.config.time_budget or None,
+               "wall_s": result.wall_s, "cpu_s": result.cpu_s, "classes": result.classes}
+    atomic_write_text(run_dir / "results.json", _json(summary))
     if result.config.plots and result.history:
         report.plot_curves(run_dir / "curves.png", result.history)
-        report.plot_confusion(run_dir / "confusion_matrix.png", test.confusion, data.classes)
-        if data.test_images is not None:
-            labels = data.test.labels.cpu()  # tensor datasets: the loader keeps them in order
-            report.plot_misclassified(run_dir / "misclassified.png", data.test_images, labels, test.predictions, data.classes)
+        task.plots(run_dir, test, data, result.model)
         try:
-            report.write_html_report(run_dir)
+            from cnnlab.engine.html_report import write_html_report
+
+            write_html_report(run_dir)
         except Exception as e:  # noqa: BLE001 - the run is done and saved; a page that fails must not undo that
             warnings.warn(f"report.html was not written ({type(e).__name__}: {e}); `cnnlab report {run_dir}` retries",
                           stacklevel=2)
+
+
+def _json(obj: Any) -> str:
+    """JSON with non-finite numbers written as null: results.json stays valid JSON (json.dumps writes NaN)."""
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(obj), indent=2, allow_nan=False)

@@ -1,0 +1,94 @@
+"""Classification: cross-entropy (with label smoothing and auxiliary heads), accuracy, confusion matrix."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnlab.engine.tasks._model import model_channels
+from cnnlab.engine.tasks.base import LossMeter, StepOutput, Task
+
+# GoogLeNet's auxiliary classifiers: their losses are added with weight 0.3 (Szegedy et al. 2015, sec. 5)
+AUX_LOSS_WEIGHT = 0.3
+
+
+def split_aux(output: Any) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """(main logits, auxiliary logits) of a model output: a tensor, or a tuple (logits, aux1, aux2, ...)."""
+    if isinstance(output, torch.Tensor):
+        return output, ()
+    if isinstance(output, (tuple, list)) and output and all(isinstance(t, torch.Tensor) for t in output):
+        return output[0], tuple(output[1:])
+    from cnnlab._errors import CnnlabError
+
+    raise CnnlabError(f"a classifier must return logits (B, K) or a tuple (logits, aux logits...), "
+                      f"got {type(output).__name__}")
+
+
+class _AccuracyMeter(LossMeter):
+    def __init__(self, device: torch.device) -> None:
+        super().__init__(device)
+        self.correct = torch.zeros((), device=device, dtype=torch.long)
+
+    def update(self, out: StepOutput) -> None:
+        super().update(out)
+        y = out.target
+        hard = y.argmax(1) if y.ndim == 2 else y  # mixed (soft) labels: the larger share
+        self.correct += (out.output.detach().argmax(1) == hard).sum()
+
+    def compute(self) -> dict[str, float]:
+        return {**super().compute(), "acc": self.correct.item() / max(self.seen, 1)}
+
+
+class ClassificationTask(Task):
+    name = "classification"
+    metrics = ("acc",)
+    losses = ("cross_entropy",)
+
+    def build_data(self, config, device):
+        from cnnlab.engine.data_setup import build_data
+
+        return build_data(config.data, device, seed=config.seed, channels_last=config.model.channels_last,
+                          in_channels=model_channels(config))
+
+    def step(self, net, batch, config):
+        x, y = batch
+        logits, aux = split_aux(net(x))
+        smoothing = config.optim.label_smoothing
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=smoothing)
+        for a in aux:
+            loss = loss + AUX_LOSS_WEIGHT * F.cross_entropy(a.float(), y, label_smoothing=smoothing)
+        return StepOutput(loss, logits, y, len(y))
+
+    def meter(self, device):
+        return _AccuracyMeter(device)
+
+    def evaluate(self, model, batches, data, *, amp=False, tta_flip=False):
+        from cnnlab.engine.evaluate import evaluate
+
+        return evaluate(model, batches, data.num_classes, amp=amp, tta_flip=tta_flip)
+
+    def expected_initial_loss(self, data) -> float:
+        return math.log(data.num_classes)  # uniform predictions over K classes
+
+    def summary(self, test) -> dict[str, Any]:
+        return {"test_accuracy": test.accuracy, "test_loss": test.loss, "test_topk": test.topk,
+                "confusion": test.confusion.tolist(), "precision": test.precision.tolist(),
+                "recall": test.recall.tolist()}
+
+    def plots(self, run_dir: Path, test, data, model: nn.Module) -> None:
+        from cnnlab.engine import report
+
+        report.plot_confusion(run_dir / "confusion_matrix.png", test.confusion, data.classes)
+        if data.test_images is not None and hasattr(data.test, "labels"):
+            labels = data.test.labels.cpu()  # tensor datasets: the loader keeps them in order
+            report.plot_misclassified(run_dir / "misclassified.png", data.test_images, labels, test.predictions,
+                                      data.classes)
+
+    def predict_lines(self, output, classes, top):
+        probs = output.float().softmax(-1)
+        values, indices = probs.topk(min(top, probs.numel()))
+        return [f"{classes[i]:<20} {v:.4f}" for v, i in zip(values.tolist(), indices.tolist())]
