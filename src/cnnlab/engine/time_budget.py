@@ -47,11 +47,13 @@ class TimeBudget:
         self.budget_s, self.start = budget_s, start
         self.first = steps_done + WARMUP_STEPS
         self._t0: float | None = None
+        self._seen: list[tuple[int, float]] = []  # (steps done, time) after each step
         self.timed = 0
 
     def after_step(self, step: int) -> bool:
         """Call after each step (``step`` = steps done); True once enough steps are timed to plan."""
         now = time.perf_counter()
+        self._seen.append((step, now))
         if step == self.first:
             self._t0 = now
             return False
@@ -62,7 +64,16 @@ class TimeBudget:
 
     @property
     def step_s(self) -> float:
-        return (time.perf_counter() - self._t0) / max(self.timed, 1) if self._t0 is not None else math.inf
+        """Seconds per step over the timed steps; before any (an epoch shorter than the warm-up), over the
+        steps seen, or, after one step, since the budget started (set-up included: an over-estimate)."""
+        if self._t0 is not None and self.timed:
+            return (self._seen[-1][1] - self._t0) / self.timed
+        if len(self._seen) >= 2:
+            (s0, t0), (s1, t1) = self._seen[0], self._seen[-1]
+            return (t1 - t0) / (s1 - s0)
+        if self._seen:
+            return self._seen[0][1] - self.start
+        return math.inf
 
     def plan(self, step: int, steps_per_epoch: int, limit: int, eval_pass_s: float, test_pass_s: float) -> Plan:
         """The most steps (<= ``limit``) such that training, a validation pass per epoch, the test and the

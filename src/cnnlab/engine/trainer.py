@@ -108,14 +108,17 @@ def _log(config: TrainConfig, text: str) -> None:
 
 
 def train(config: TrainConfig, *, resume: bool = False, callbacks: Sequence[EpochCallback] = (),
-          data: DataBundle | None = None) -> RunResult:
+          data: DataBundle | None = None, model: nn.Module | None = None) -> RunResult:
     """Train, validate, checkpoint and test one run as ``config`` says; see docs/training.md.
 
     With ``resume=True`` the run folder's ``last`` checkpoint is loaded and training continues
     from the epoch after it: on the CPU the final weights equal those of an uninterrupted run.
     ``callbacks`` are called with each epoch's metrics row (hyper-parameter search, ensembles);
-    ``data`` replaces the loaders built from ``config.data`` (bootstrap samples, custom datasets).
-    ``config`` itself is not changed (the run works on a copy, returned in the result).
+    ``data`` replaces the loaders built from ``config.data`` (bootstrap samples, custom datasets);
+    ``model`` replaces the registry's ``config.model.name`` (a module of your own, trained with the
+    same engine: its run folder holds its weights, but ``cnnlab eval``/``predict`` need a registered
+    model to rebuild it; ``config.model.name`` still picks the task). ``config`` itself is not
+    changed (the run works on a copy, returned in the result).
     """
     if not isinstance(config, TrainConfig):  # validate() would fail on a dict with an AttributeError
         raise CnnlabError(f"train() takes a TrainConfig (cnnlab.engine.TrainConfig, or TrainConfig.from_dict(d)), "
@@ -124,7 +127,7 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks: Sequence[Epoc
     config = copy.deepcopy(config)
     threads = torch.get_num_threads()
     try:
-        return _train(config, resume, callbacks, data)
+        return _train(config, resume, callbacks, data, model)
     finally:
         torch.set_num_threads(threads)  # config.threads holds for this run only
 
@@ -143,9 +146,11 @@ def _check_run_folder(run_dir: Path, resume: bool) -> None:
                           "(or out_dir), or empty that folder")
 
 
-def _train(config: TrainConfig, resume: bool, callbacks: Sequence[EpochCallback], data: DataBundle | None) -> RunResult:
+def _train(config: TrainConfig, resume: bool, callbacks: Sequence[EpochCallback], data: DataBundle | None,
+           given_model: nn.Module | None) -> RunResult:
     wall0, cpu0 = time.perf_counter(), time.process_time()
-    task = get_task(config)
+    # a module of the caller's own names its task (config.task); a registry model's entry does
+    task = get_task(config.task, loss=config.loss) if given_model is not None and config.task != "auto" else get_task(config)
     if config.monitor not in task.monitor_keys():
         raise CnnlabError(f"monitor={config.monitor!r} is not a metric of the {task.name} task; choose "
                           f"{', '.join(task.monitor_keys())}")
@@ -169,7 +174,9 @@ def _train(config: TrainConfig, resume: bool, callbacks: Sequence[EpochCallback]
         data = task.build_data(config, device)
     data = env.shard(data)  # each rank sees its part of every global batch
     task.prepare(data)
-    model = task.build_model(config, data, None if ckpt else config.model.weights)
+    if given_model is not None and not isinstance(given_model, nn.Module):
+        raise CnnlabError(f"train(model=...) takes an nn.Module, got {type(given_model).__name__}")
+    model = given_model or task.build_model(config, data, None if ckpt else config.model.weights)
     if config.model.freeze:
         freeze(model, config.model.freeze)
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -410,6 +417,8 @@ class _Loop:
                 bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{meter.seen / (time.perf_counter() - wall0):.0f}")
             bar.update(1)
         bar.close()
+        if self.budget is not None:  # an epoch shorter than the timing: plan now, so every checkpoint holds the plan
+            self._plan()
         values = meter.compute()
         if not math.isfinite(values["loss"]) or not _finite_weights(model):
             # the loss of the last step is in the mean; weights a last step made NaN are caught here

@@ -1,0 +1,111 @@
+"""Time budgets: the plan from measured step and evaluation times, the schedule over it, exact resume."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cnnlab.engine import train
+from cnnlab.engine import time_budget as tb
+from cnnlab.engine.optim import lr_factor
+
+from ._tiny import register_tiny, tiny_config
+
+
+@pytest.fixture(autouse=True)
+def _tiny(monkeypatch):
+    register_tiny(monkeypatch)
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_the_plan_fits_training_validation_and_test_in_what_is_left(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(tb.time, "perf_counter", clock)
+    budget = tb.TimeBudget(100.0, start=clock.t)
+    for step in range(1, 30):
+        clock.t += 0.5 if step <= tb.WARMUP_STEPS else 0.1  # slow first steps are not timed
+        ready = budget.after_step(step)
+        if ready:
+            break
+    assert budget.step_s == pytest.approx(0.1)
+    # 100 s * 0.95 - elapsed - test 2 s - reserve 4 s, shared by 0.1 s steps and a 1 s validation per 50 steps
+    elapsed = clock.t - 1000.0
+    plan = budget.plan(step, steps_per_epoch=50, limit=10_000, eval_pass_s=1.0, test_pass_s=2.0)
+    left = 95 - elapsed - 2 - tb.END_RESERVE_S
+
+    def cost(steps):
+        return (steps - step) * 0.1 + (-(-steps // 50)) * 1.0
+
+    assert cost(plan.steps) <= left < cost(plan.steps + 1)
+    assert plan.epochs == -(-plan.steps // 50)
+    # the epochs stay an upper limit
+    assert budget.plan(step, 50, 200, 1.0, 2.0).steps == 200
+    # a budget already spent: no more steps than those done
+    clock.t += 500
+    assert budget.plan(step, 50, 10_000, 1.0, 2.0).steps == step
+
+
+def test_a_budgeted_run_stops_at_its_planned_steps_with_the_schedule_laid_over_them(tmp_path, monkeypatch):
+    lrs = []
+    real_set_lr = __import__("cnnlab.engine.trainer", fromlist=["set_lr"]).set_lr
+
+    def record(optimizer, factor):
+        lrs.append(factor)
+        return real_set_lr(optimizer, factor)
+
+    monkeypatch.setattr("cnnlab.engine.trainer.set_lr", record)
+    monkeypatch.setattr(tb.TimeBudget, "plan", lambda self, step, spe, limit, v, t: tb.Plan(0.01, v, t, 40, 7))
+    monkeypatch.setattr(tb, "MIN_TIMED_S", 0.0)
+    config = tiny_config(tmp_path, epochs=50)  # 6 steps per epoch, 300 at most
+    config.time_budget = 60
+    result = train(config)
+    saved = json.loads((result.run_dir / "results.json").read_text())
+    assert result.planned_steps == saved["planned_steps"] == 40 and saved["time_budget_s"] == 60
+    assert len(lrs) == 40 and len(result.history) == 7  # 6 full epochs and 4 steps of the 7th
+    # one-cycle over 40 steps from the plan on (the steps before it followed the 300-step layout); an epoch
+    # of 6 steps is shorter than the timing, so the plan is made at its end (every checkpoint holds a plan)
+    planned_at = min(tb.WARMUP_STEPS + tb.MIN_TIMED_STEPS, 6)
+    assert lrs[planned_at:] == pytest.approx([lr_factor(config.optim, s, 6, 40) for s in range(planned_at, 40)])
+    assert lrs[:planned_at] == pytest.approx([lr_factor(config.optim, s, 6, 300) for s in range(planned_at)])
+
+
+def test_a_budgeted_run_resumes_exactly(tmp_path, monkeypatch):
+    monkeypatch.setattr(tb.TimeBudget, "plan", lambda self, step, spe, limit, v, t: tb.Plan(0.01, v, t, 27, 5))
+    monkeypatch.setattr(tb, "MIN_TIMED_S", 0.0)
+    whole = tiny_config(tmp_path, name="whole", epochs=20)
+    whole.time_budget = 60
+    full = train(whole)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_epoch_2(row):
+        if row["epoch"] == 2:
+            raise Stop
+
+    part = tiny_config(tmp_path, name="part", epochs=20)
+    part.time_budget = 60
+    with pytest.raises(Stop):
+        train(part, callbacks=[stop_after_epoch_2])
+    # the resumed run keeps the saved plan: it is not timed again (a plan of other steps would show)
+    monkeypatch.setattr(tb.TimeBudget, "plan", lambda *a: pytest.fail("a resumed run must keep its plan"))
+    resumed = train(part, resume=True)
+    assert resumed.planned_steps == 27 and len(resumed.history) == 5
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_a_real_budget_ends_a_long_run_early(tmp_path):
+    config = tiny_config(tmp_path, epochs=10_000)  # 60,000 steps: far more than 15 s allow
+    config.time_budget = 15
+    result = train(config)
+    assert result.planned_steps is not None and result.planned_steps < 60_000
+    assert len(result.history) == -(-result.planned_steps // 6)
