@@ -90,6 +90,9 @@ def test_reconstruction_trains_with_the_shared_engine(tmp_path):
     header = (result.run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"train_psnr", "val_psnr"} <= set(header)
     assert (result.run_dir / "reconstructions.png").stat().st_size > 1000
+    page = (result.run_dir / "report.html").read_text()
+    assert "<h2" in page and "Reconstructions" in page and "PSNR" in page  # the task's section of report.html
+    assert page.count("data:image/png;base64,") >= 2  # the curves and the reconstruction grid, embedded
     assert saved["reported_checkpoint"] == "best"
     # the run folder is read back for its task: the same model, the same test PSNR
     run = load_run(result.run_dir)

@@ -33,6 +33,16 @@ register_task(ClassificationTask)
 register_task(ReconstructionTask)
 
 
+def _register_report_sections() -> None:
+    from cnnlab.engine.html_report import register_report_sections
+    from cnnlab.engine.tasks.reconstruction import report_sections
+
+    register_report_sections(ReconstructionTask.name, report_sections, replace=True)
+
+
+_register_report_sections()
+
+
 def task_names() -> list[str]:
     return sorted(_TASKS)
 

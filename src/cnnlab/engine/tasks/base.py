@@ -142,6 +142,10 @@ class Task(ABC):
         """The task's part of results.json (the trainer adds epochs, times, the run's choices)."""
         return {"test_loss": test.loss, **{f"test_{k}": v for k, v in test.metrics.items()}}
 
+    def headline(self, test: TaskResult) -> str:
+        """The one line ``cnnlab train`` prints about the test split."""
+        return "test " + ", ".join(f"{k} {v:.4f}" for k, v in {"loss": test.loss, **test.metrics}.items())
+
     def plots(self, run_dir: Path, test: TaskResult, data: DataBundle, model: nn.Module) -> None:
         """Task-specific PNGs in the run folder (the learning curves are drawn for every task)."""
 

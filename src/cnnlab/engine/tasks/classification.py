@@ -79,6 +79,9 @@ class ClassificationTask(Task):
                 "confusion": test.confusion.tolist(), "precision": test.precision.tolist(),
                 "recall": test.recall.tolist()}
 
+    def headline(self, test) -> str:
+        return f"test accuracy {test.accuracy:.4f}" + "".join(f", top-{k} {v:.4f}" for k, v in test.topk.items())
+
     def plots(self, run_dir: Path, test, data, model: nn.Module) -> None:
         from cnnlab.engine import report
 

@@ -148,3 +148,15 @@ def plot_reconstructions(path: Path, model: nn.Module, data: Any, count: int = 8
     axes[1][0].set_ylabel("output")
     fig.suptitle("test images and their reconstructions (PSNR)")
     save_figure(fig, path)
+
+
+def report_sections(run_dir: Path, results: dict[str, Any]) -> list:
+    """report.html's part for a reconstruction run: the test PSNR and the inputs-vs-outputs grid."""
+    from cnnlab.engine.html_report import ReportSection
+
+    if not results:
+        return []  # still training: the grid is drawn from the final model
+    text = (f"Test images (top) and the model's reconstructions (bottom), with each image's PSNR. Mean test PSNR "
+            f"{results.get('test_psnr', float('nan')):.2f} dB with the {results.get('loss', 'mse')} loss; a blurry "
+            f"output with a PSNR that still rises means the code is the bottleneck (fewer latent channels compress more).")
+    return [ReportSection("Reconstructions", text=text, images=[Path(run_dir) / "reconstructions.png"])]
