@@ -72,6 +72,25 @@ def test_corrupt_and_missing_files(tmp_path):
         cnnlab.load_weights(_model(), tmp_path / "nope.pth")
 
 
+@pytest.mark.parametrize("content", [b"hello, these are not weights\n", b'{"fc.weight": [1, 2]}', b""])
+def test_a_file_of_another_format_says_what_is_expected(tmp_path, content):
+    # torch.load(weights_only=True) of a text file raised a bare "KeyError: 101" (101 = ord("e"))
+    path = tmp_path / "weights.pt"
+    path.write_bytes(content)
+    with pytest.raises(CnnlabError, match=r"neither a safetensors nor a torch file.*safetensors file or a torch file"
+                                          r".*weights_only=True") as err:
+        cnnlab.load_weights(_model(), path)
+    assert "KeyError" not in str(err.value)
+
+
+def test_safetensors_content_is_read_whatever_the_suffix(tmp_path):
+    from safetensors.torch import save_file
+
+    model = _model()
+    save_file(model.state_dict(), str(tmp_path / "weights.bin"))
+    assert cnnlab.load_weights(_model(), tmp_path / "weights.bin").ok
+
+
 def test_weights_path_in_create_model(tmp_path):
     src = _model()
     torch.save(src.state_dict(), tmp_path / "w.pt")

@@ -48,15 +48,16 @@ class ConvLayer:
     grouped: bool = False  # split across the two GPUs in the paper (only used with groups > 1)
     lrn: bool = False
     pool: bool = False
+    bias_init: float = 0.0  # the paper's initial bias (AlexNet §5: 1 in conv2, conv4, conv5)
 
 
 # Krizhevsky 2012 §3.5 and Fig. 2 (both towers merged): 227 -> 55 -> 27 -> 13 -> 6.
 ALEXNET_LAYERS = (
     ConvLayer(96, 11, stride=4, lrn=True, pool=True),
-    ConvLayer(256, 5, padding=2, grouped=True, lrn=True, pool=True),
+    ConvLayer(256, 5, padding=2, grouped=True, lrn=True, pool=True, bias_init=1.0),
     ConvLayer(384, 3, padding=1),
-    ConvLayer(384, 3, padding=1, grouped=True),
-    ConvLayer(256, 3, padding=1, grouped=True, pool=True),
+    ConvLayer(384, 3, padding=1, grouped=True, bias_init=1.0),
+    ConvLayer(256, 3, padding=1, grouped=True, pool=True, bias_init=1.0),
 )
 # torchvision's alexnet (Krizhevsky 2014, "One weird trick", single column): 224 -> 55 -> 27 -> 13 -> 6.
 ALEXNET_TV_LAYERS = (
@@ -119,6 +120,18 @@ class FCHead(nn.Module):
         return x if pre_logits else self.fc(x)
 
 
+def _paper_init(model: AlexNet, layers: Sequence[ConvLayer]) -> None:
+    """Krizhevsky et al. 2012 §5 and Zeiler & Fergus 2013 §3: every weight N(0, 0.01); biases as the rows say."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.normal_(m.weight, 0.0, 0.01)
+            nn.init.zeros_(m.bias)
+    for block, layer in zip(model.features, layers):
+        nn.init.constant_(block.conv.bias, layer.bias_init)
+    for fc in (model.head.fc6, model.head.fc7):
+        nn.init.constant_(fc.bias, layers[-1].bias_init)
+
+
 class AlexNet(Classifier):
     """AlexNet-style network: a few large-kernel conv layers with LRN and max pooling, then FCHead.
 
@@ -128,7 +141,10 @@ class AlexNet(Classifier):
         ceil_mode: max pooling rounds up (ZFNet's sizes need it; AlexNet's round down).
         drop_rate: dropout of the two hidden FC layers (0.5 in the papers).
         act_layer: ReLU in the papers.
-        init: ``"kaiming"``, ``"xavier"`` or ``"none"`` (PyTorch's defaults, as torchvision's AlexNet).
+        init: ``"reference"`` (the papers': weights N(0, 0.01); biases the rows' ``bias_init``, and for the
+            hidden FC layers the last conv row's: AlexNet §5 sets 1 in conv2, conv4, conv5, fc6, fc7 "to
+            provide the ReLUs with positive inputs", ZFNet §3 biases 0), ``"kaiming"``, ``"xavier"`` or
+            ``"none"`` (PyTorch's defaults, which torchvision's AlexNet keeps: ``alexnet_tv``'s default).
     """
 
     head_name = "head.fc"
@@ -144,7 +160,7 @@ class AlexNet(Classifier):
         ceil_mode: bool = False,
         drop_rate: float = 0.5,
         act_layer: Callable[..., nn.Module] = nn.ReLU,
-        init: str = "kaiming",
+        init: str = "reference",
     ) -> None:
         super().__init__()
         self.num_classes, self.in_channels = num_classes, in_channels
@@ -169,7 +185,7 @@ class AlexNet(Classifier):
         self.head = FCHead(channels, num_classes, pool_size=6, drop_rate=drop_rate, act_layer=act_layer)
         self.num_features = self.head.fc7.out_features
         self.min_input_size = _min_input_size(layers, ceil_mode)
-        init_weights(self, init)
+        init_weights(self, init, lambda m: _paper_init(m, layers))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)  # (B, 3, 227, 227) -> (B, 256, 6, 6)
@@ -266,7 +282,7 @@ def alexnet(**kwargs) -> AlexNet:
 )
 def alexnet_tv(**kwargs) -> AlexNet:
     overwrite_param(kwargs, "layers", ALEXNET_TV_LAYERS)
-    kwargs.setdefault("init", "none")  # PyTorch's default init, as torchvision's AlexNet
+    kwargs.setdefault("init", "none")  # the reference: torchvision's AlexNet keeps PyTorch's default init
     return AlexNet(**kwargs)
 
 

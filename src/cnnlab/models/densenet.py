@@ -25,6 +25,7 @@ from torch import nn
 from cnnlab._errors import CnnlabError
 from cnnlab.layers import ConvNormAct, get_act_layer, get_norm_layer, init_weights, make_act
 from cnnlab.layers.dense import DenseBlock, Transition
+from cnnlab.layers.init import torchvision_densenet_init
 from cnnlab.models._convert import replace_prefix
 from cnnlab.models.base import Classifier, FeatureInfo
 from cnnlab.models.registry import Family, StateDict, register_model
@@ -59,7 +60,7 @@ class DenseNet(Classifier):
         memory_efficient: recompute concatenations in the backward pass (less memory, ~20% slower);
             note that batch norms inside the recomputed part update their running stats twice.
         norm_layer, act_layer: factories or names (``"batchnorm"``, ``"relu"``, ...).
-        init: ``"kaiming"``, ``"xavier"`` or ``"none"``.
+        init: ``"reference"`` (torchvision's: He normal fan_in convs), ``"kaiming"``, ``"xavier"`` or ``"none"``.
     """
 
     head_name = "fc"
@@ -78,7 +79,7 @@ class DenseNet(Classifier):
         memory_efficient: bool = False,
         norm_layer: Callable[..., nn.Module] | str = nn.BatchNorm2d,
         act_layer: Callable[..., nn.Module] | str = nn.ReLU,
-        init: str = "kaiming",
+        init: str = "reference",
     ) -> None:
         super().__init__()
         if not 0.0 < compression <= 1.0:
@@ -113,7 +114,7 @@ class DenseNet(Classifier):
         self.num_features = channels
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes) if num_classes > 0 else nn.Identity()
-        init_weights(self, init)
+        init_weights(self, init, torchvision_densenet_init)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.final_norm(self.stages(self.stem(x)))

@@ -21,6 +21,7 @@ from functools import partial
 from torch import nn
 
 from cnnlab.layers import make_divisible
+from cnnlab.layers.init import tf_mobile_init
 from cnnlab.models._convert import rename_keys
 from cnnlab.models.mobilenet import (
     TORCHVISION_CNA,
@@ -124,6 +125,9 @@ EFFICIENTNET = Family(
 
 class EfficientNet(MBConvNet):
     """EfficientNet: ``MBConvNet`` with SiLU, SE in every block and a scaled B0 table (Args: as ``MBConvNet``)."""
+
+    # the TF TPU code of the paper's authors, as timm's; torchvision's differs only in its depthwise convs (see tf_mobile_init)
+    reference_init = staticmethod(tf_mobile_init)
 
 
 def efficientnet(params: EfficientNetParams, **kwargs) -> EfficientNet:

@@ -29,6 +29,7 @@ from torch import nn
 
 from cnnlab._errors import CnnlabError
 from cnnlab.layers import ConvNormAct, SqueezeExcite, init_weights
+from cnnlab.layers.init import torchvision_googlenet_init
 from cnnlab.layers.inception import InceptionModule
 from cnnlab.models.base import Classifier, FeatureInfo
 from cnnlab.models.registry import Family, StateDict, overwrite_param, register_model
@@ -141,7 +142,8 @@ class GoogLeNet(Classifier):
         norm_layer: after every conv (torchvision: BatchNorm2d with eps 1e-3; None in the paper).
         attn_layer: attention applied to each Inception module's output (SqueezeExcite: SE-Inception).
         drop_rate: dropout before the classifier (0.4 in Table 1; torchvision 0.2).
-        init: ``"kaiming"``, ``"xavier"`` or ``"none"``.
+        init: ``"reference"`` (torchvision's: truncated normal std 0.01 for convs and linears; SE-Inception
+            too, as the SENet paper gives no scheme of its own), ``"kaiming"``, ``"xavier"`` or ``"none"``.
     """
 
     head_name = "fc"
@@ -160,7 +162,7 @@ class GoogLeNet(Classifier):
         norm_layer: Callable[..., nn.Module] | None = partial(nn.BatchNorm2d, eps=1e-3),
         attn_layer: Callable[..., nn.Module] | None = None,
         drop_rate: float = 0.4,
-        init: str = "kaiming",
+        init: str = "reference",
     ) -> None:
         super().__init__()
         if transform_input and in_channels != 3:
@@ -201,7 +203,7 @@ class GoogLeNet(Classifier):
         self.dropout = nn.Dropout(drop_rate)
         self.fc: nn.Module = nn.Linear(channels, num_classes) if num_classes > 0 else nn.Identity()
         self.num_features = channels
-        init_weights(self, init)
+        init_weights(self, init, torchvision_googlenet_init)
 
     def _transform(self, x: torch.Tensor) -> torch.Tensor:
         if not self.transform_input:

@@ -51,6 +51,17 @@ class LeNetStage:
 LENET5_STAGES = (LeNetStage(6), LeNetStage(16), LeNetStage(120, subsample=False))
 
 
+def lecun1998_init(model: nn.Module) -> None:
+    """LeCun et al. 1998, Appendix C: weights uniform in +-2.4/F_i (F_i the unit's fan-in), so the
+    scaled tanh starts in its linear range. The paper says nothing separate of biases: they start at 0."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            fan_in = m.weight[0].numel()
+            nn.init.uniform_(m.weight, -2.4 / fan_in, 2.4 / fan_in)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 class LeNet(Classifier):
     """LeNet: 'valid' convs with subsampling, then a fully connected layer and the classifier.
 
@@ -59,7 +70,8 @@ class LeNet(Classifier):
         hidden: width of the fully connected layer F6 (84).
         act_layer: tanh in the paper (a scaled tanh, 1.7159 tanh(2a/3)); ``nn.ReLU`` for a modern take.
         pool_layer: the subsampling, average pooling in the paper; ``nn.MaxPool2d`` works too.
-        init: ``"xavier"`` (Glorot, suited to tanh), ``"kaiming"`` or ``"none"``.
+        init: ``"reference"`` (the paper's, Appendix C: weights U(-2.4/F, 2.4/F), F the fan-in; no library
+            has LeNet-5), ``"xavier"`` (Glorot, suited to tanh), ``"kaiming"`` or ``"none"``.
     """
 
     head_name = "fc"
@@ -74,7 +86,7 @@ class LeNet(Classifier):
         hidden: int = 84,
         act_layer: Callable[..., nn.Module] = nn.Tanh,
         pool_layer: Callable[..., nn.Module] = nn.AvgPool2d,
-        init: str = "xavier",
+        init: str = "reference",
     ) -> None:
         super().__init__()
         self.num_classes, self.in_channels = num_classes, in_channels
@@ -94,7 +106,7 @@ class LeNet(Classifier):
         self.act = act_layer()
         self.fc: nn.Module = nn.Linear(hidden, num_classes) if num_classes > 0 else nn.Identity()
         self.num_features = hidden
-        init_weights(self, init)
+        init_weights(self, init, lecun1998_init)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(x)  # (B, 1, 32, 32) -> (B, 120, 1, 1)

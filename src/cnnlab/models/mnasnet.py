@@ -16,6 +16,7 @@ from torch import nn
 
 from cnnlab._errors import CnnlabError
 from cnnlab.layers import make_divisible
+from cnnlab.layers.init import tf_mobile_init
 from cnnlab.models._convert import rename_keys
 from cnnlab.models.mobilenet import MBConvNet, MBConvStage, convert_timm_mbconvnet, scale_stages
 from cnnlab.models.registry import Family, StateDict, overwrite_param, register_model
@@ -90,6 +91,10 @@ MNASNET = Family(
 
 class MnasNet(MBConvNet):
     """MnasNet: ``MBConvNet`` with ReLU, TF's BN momentum and a searched table (Args: as ``MBConvNet``)."""
+
+    # the TF TPU code of the paper's authors (see tf_mobile_init), as in timm, which has every MnasNet width
+    # (torchvision only the B1 ones)
+    reference_init = staticmethod(tf_mobile_init)
 
 
 def mnasnet(alpha: float, table: tuple[MBConvStage, ...] = MNASNET_B1_STAGES, **kwargs) -> MnasNet:

@@ -17,6 +17,7 @@ from torch import nn
 from cnnlab._errors import CnnlabError
 from cnnlab.layers import ConvNormAct, SqueezeExcite, get_act_layer, init_weights, make_divisible
 from cnnlab.layers.conv import LayerFactory
+from cnnlab.layers.init import kaiming_init, tf_mobile_init
 from cnnlab.layers.mbconv import DepthwiseSeparableBlock, MBConv
 from cnnlab.models._convert import rename_keys
 from cnnlab.models.base import Classifier, FeatureInfo
@@ -85,6 +86,7 @@ class MobileNetV1(_MobileClassifier):
         drop_path_rate: must be 0: v1 has no residual branch that stochastic depth could drop.
         norm_layer, act_layer: factories or names. ReLU6 by default: the paper's text says
             ReLU, but its authors' TF-slim code (and timm's weights) use ReLU6.
+        init: ``"reference"`` (timm's, the TF code's: see ``tf_mobile_init``), ``"kaiming"``, ``"xavier"`` or ``"none"``.
     """
 
     def __init__(
@@ -99,6 +101,7 @@ class MobileNetV1(_MobileClassifier):
         drop_path_rate: float = 0.0,
         norm_layer: LayerFactory = nn.BatchNorm2d,
         act_layer: LayerFactory | str = nn.ReLU6,
+        init: str = "reference",
     ) -> None:
         super().__init__()
         if width_mult <= 0:
@@ -126,7 +129,7 @@ class MobileNetV1(_MobileClassifier):
         self.stages = nn.Sequential(*layers)
         self.feature_info = _feature_info_by_stride(taps)
         self._build_head(channels, num_classes, drop_rate)
-        init_weights(self, "kaiming")
+        init_weights(self, init, tf_mobile_init)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(self.stem(x))
@@ -180,7 +183,10 @@ class MBConvNet(_MobileClassifier):
             ``N`` drops its residual branch with ``drop_path_rate * i / N`` (torchvision's and timm's rule).
         norm_layer, act_layer: factories (or names for the activation).
         attn_layer: attention for rows with ``se_ratio > 0`` (default: SqueezeExcite with ``act_layer``).
+        init: ``"reference"`` (the subclass's ``reference_init``), ``"kaiming"``, ``"xavier"`` or ``"none"``.
     """
+
+    reference_init = staticmethod(kaiming_init)
 
     def __init__(
         self,
@@ -195,6 +201,7 @@ class MBConvNet(_MobileClassifier):
         norm_layer: LayerFactory = nn.BatchNorm2d,
         act_layer: LayerFactory | str = nn.ReLU6,
         attn_layer: Callable[..., nn.Module] | None = None,
+        init: str = "reference",
     ) -> None:
         super().__init__()
         if not 0.0 <= drop_rate < 1.0 or not 0.0 <= drop_path_rate < 1.0:
@@ -224,7 +231,7 @@ class MBConvNet(_MobileClassifier):
         taps.append(("conv_head", head_channels, stride))  # forward_features ends here
         self.feature_info = _feature_info_by_stride(taps)
         self._build_head(head_channels, num_classes, drop_rate)
-        init_weights(self, "kaiming")
+        init_weights(self, init, self.reference_init)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv_head(self.stages(self.stem(x)))
@@ -232,6 +239,8 @@ class MBConvNet(_MobileClassifier):
 
 class MobileNetV2(MBConvNet):
     """MobileNet v2: ``MBConvNet`` with ReLU6 and the Table 2 rows (Args: as ``MBConvNet``)."""
+
+    reference_init = staticmethod(kaiming_init)  # torchvision's MobileNetV2
 
 
 # Sandler et al. 2018, Table 2: t, k, s, c, n (the paper's column order is t, c, n, s).

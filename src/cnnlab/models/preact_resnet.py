@@ -29,6 +29,7 @@ from torch import nn
 
 from cnnlab._errors import CnnlabError
 from cnnlab.layers import ConvNormAct, get_act_layer, get_norm_layer, init_weights, zero_init_last_norm
+from cnnlab.layers.init import kaiming_init
 from cnnlab.layers.residual import NormAct, PreActBasicBlock, PreActBottleneck
 from cnnlab.models.base import Classifier, FeatureInfo
 from cnnlab.models.registry import Family, overwrite_param, register_model
@@ -70,7 +71,9 @@ class PreActResNet(Classifier):
         drop_path_rate: stochastic depth of the last unit, linearly less for earlier ones.
         norm_layer, act_layer, attn_layer: factories (or names for norm/act); ``attn_layer`` None means none.
         zero_init_residual: zero each unit's last conv so the network starts as a chain of identities.
-        init: ``"kaiming"``, ``"xavier"`` or ``"none"``.
+        init: ``"reference"`` = ``"kaiming"``: neither torchvision nor timm has these CIFAR networks, and both
+            papers initialise as He et al. 2015 (normal, n = k*k*out as in the authors' Torch code);
+            ``"xavier"`` or ``"none"``.
     """
 
     head_name = "fc"
@@ -91,7 +94,7 @@ class PreActResNet(Classifier):
         act_layer: LayerFactory | str = nn.ReLU,
         attn_layer: LayerFactory | None = None,
         zero_init_residual: bool = False,
-        init: str = "kaiming",
+        init: str = "reference",
     ) -> None:
         super().__init__()
         for name, p in (("block_drop_rate", block_drop_rate), ("drop_rate", drop_rate), ("drop_path_rate", drop_path_rate)):
@@ -127,7 +130,7 @@ class PreActResNet(Classifier):
         self.global_pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(drop_rate)
         self.fc = nn.Linear(channels, num_classes) if num_classes > 0 else nn.Identity()
-        init_weights(self, init)
+        init_weights(self, init, kaiming_init)
         if zero_init_residual:
             zero_init_last_norm(self)
 

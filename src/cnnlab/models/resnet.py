@@ -26,6 +26,7 @@ from torch import nn
 
 from cnnlab._errors import CnnlabError
 from cnnlab.layers import ConvNormAct, SqueezeExcite, get_act_layer, get_norm_layer, init_weights, zero_init_last_norm
+from cnnlab.layers.init import torchvision_resnet_init
 from cnnlab.layers.residual import BasicBlock, Bottleneck
 from cnnlab.models.base import Classifier, FeatureInfo
 from cnnlab.models.registry import Family, StateDict, overwrite_param, register_model
@@ -122,8 +123,10 @@ class ResNet(Classifier):
         attn_layer: attention factory plugged into every block (e.g. ``SqueezeExcite``), or None.
         output_stride: 32, 16 or 8; below 32 the last stages dilate instead of striding (DeepLab).
         norm_layer, act_layer: factories or names (``"batchnorm"``, ``"groupnorm"``; ``"relu"``, ``"silu"``).
-        zero_init_residual: zero each block's last norm so it starts as the identity (Goyal et al. 2017).
-        init: ``"kaiming"`` (He et al. 2015, fan_out), ``"xavier"`` or ``"none"``.
+        zero_init_residual: zero each block's last norm so it starts as the identity (Goyal et al. 2017);
+            on by default for the SE variants, as in timm (their reference).
+        init: ``"reference"`` (torchvision's and timm's: He normal fan_out convs, PyTorch's default linear),
+            ``"kaiming"`` (the same convs, N(0, 0.01) linear), ``"xavier"`` or ``"none"``.
         drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth of the last block; earlier blocks get linearly less (Huang et al. 2016).
     """
@@ -145,7 +148,7 @@ class ResNet(Classifier):
         norm_layer: LayerFactory | str = nn.BatchNorm2d,
         act_layer: LayerFactory | str = nn.ReLU,
         zero_init_residual: bool = False,
-        init: str = "kaiming",
+        init: str = "reference",
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
     ) -> None:
@@ -191,7 +194,7 @@ class ResNet(Classifier):
         self.global_pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(drop_rate)
         self.fc = nn.Linear(channels, num_classes) if num_classes > 0 else nn.Identity()
-        init_weights(self, init)
+        init_weights(self, init, torchvision_resnet_init)
         if zero_init_residual:
             zero_init_last_norm(self)
 
@@ -217,6 +220,7 @@ def _build(block: BlockType, stages: tuple[ResNetStage, ...], kwargs: dict, **fo
 def _se(kwargs: dict) -> dict:
     # SENet (Hu et al. 2018, Table 1): reduction ratio r = 16 in every block.
     kwargs.setdefault("attn_layer", partial(SqueezeExcite, rd_ratio=1 / 16))
+    kwargs.setdefault("zero_init_residual", True)  # timm's ResNet zero-inits each block's last BN by default
     return kwargs
 
 

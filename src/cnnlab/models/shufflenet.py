@@ -23,6 +23,7 @@ from torch import nn
 
 from cnnlab._errors import CnnlabError
 from cnnlab.layers import ConvNormAct, get_act_layer, get_norm_layer, init_weights, make_divisible
+from cnnlab.layers.init import kaiming_init, pytorch_default_init
 from cnnlab.layers.shuffle import ShuffleUnitV1, ShuffleUnitV2
 from cnnlab.models._convert import replace_prefix
 from cnnlab.models.base import Classifier, FeatureInfo
@@ -104,7 +105,8 @@ class ShuffleNetV1(_ShuffleNetBase):
             the authors' released widths at 0.5x and 2x; at 1.5x they keep a 24-map stem (we: 36).
         drop_rate: dropout before the classifier (none in the paper).
         norm_layer, act_layer: factories or names.
-        init: ``"kaiming"``, ``"xavier"`` or ``"none"``.
+        init: ``"reference"`` = ``"kaiming"`` (no library has ShuffleNet v1 and its paper states no scheme,
+            so He et al. 2015 as for the ResNets it compares with), ``"xavier"`` or ``"none"``.
     """
 
     def __init__(
@@ -117,7 +119,7 @@ class ShuffleNetV1(_ShuffleNetBase):
         drop_rate: float = 0.0,
         norm_layer: Callable[..., nn.Module] | str = nn.BatchNorm2d,
         act_layer: Callable[..., nn.Module] | str = nn.ReLU,
-        init: str = "kaiming",
+        init: str = "reference",
     ) -> None:
         super().__init__()
         columns = {c.groups: c for c in SHUFFLENET_V1_TABLE1}
@@ -148,7 +150,7 @@ class ShuffleNetV1(_ShuffleNetBase):
         self.stages = nn.Sequential(*stages)
         self.conv_last = nn.Identity()  # v1 pools stage 4 directly
         self._build_head(channels, num_classes, drop_rate)
-        init_weights(self, init)
+        init_weights(self, init, kaiming_init)
 
 
 class ShuffleNetV2(_ShuffleNetBase):
@@ -158,7 +160,8 @@ class ShuffleNetV2(_ShuffleNetBase):
         config: stage widths and the width of conv5.
         drop_rate: dropout before the classifier (none in the paper).
         norm_layer, act_layer: factories or names.
-        init: ``"kaiming"``, ``"xavier"`` or ``"none"``.
+        init: ``"reference"`` (torchvision's, which keeps PyTorch's layer defaults), ``"kaiming"``,
+            ``"xavier"`` or ``"none"``.
     """
 
     def __init__(
@@ -170,7 +173,7 @@ class ShuffleNetV2(_ShuffleNetBase):
         drop_rate: float = 0.0,
         norm_layer: Callable[..., nn.Module] | str = nn.BatchNorm2d,
         act_layer: Callable[..., nn.Module] | str = nn.ReLU,
-        init: str = "kaiming",
+        init: str = "reference",
     ) -> None:
         super().__init__()
         self.num_classes, self.in_channels = num_classes, in_channels
@@ -191,7 +194,7 @@ class ShuffleNetV2(_ShuffleNetBase):
         self.conv_last = ConvNormAct(channels, config.last_channels, 1, norm_layer=norm_layer, act_layer=act_layer)
         self.feature_info.append(FeatureInfo("conv_last", config.last_channels, stride))  # stage 4 read after conv5
         self._build_head(config.last_channels, num_classes, drop_rate)
-        init_weights(self, init)
+        init_weights(self, init, pytorch_default_init)
 
 
 # -- torchvision checkpoints (v2) ------------------------------------------------------------

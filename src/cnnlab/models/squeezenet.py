@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from cnnlab.layers import ConvNormAct, init_weights
+from cnnlab.layers.init import torchvision_squeezenet_init
 from cnnlab.layers.fire import Fire
 from cnnlab.models.alexnet import pool_output_size
 from cnnlab.models.base import Classifier, FeatureInfo
@@ -73,8 +74,9 @@ class SqueezeNet(Classifier):
         config: ``SQUEEZENET1_0`` or ``SQUEEZENET1_1``.
         drop_rate: dropout before the final conv (0.5, after fire9 in the paper).
         norm_layer: None in the paper; a factory adds normalisation after every conv.
-        init: ``"kaiming"``, ``"xavier"`` or ``"none"``; unless ``"none"``, the final conv starts at
-            N(0, 0.01) as in the reference code, so the first logits are near zero.
+        init: ``"reference"`` (torchvision's: He uniform fan_in convs), ``"kaiming"``, ``"xavier"`` or
+            ``"none"``; unless ``"none"``, the final conv starts at N(0, 0.01) as in the reference code,
+            so the first logits are near zero.
     """
 
     head_name = "final_conv"
@@ -88,7 +90,7 @@ class SqueezeNet(Classifier):
         config: SqueezeNetConfig = SQUEEZENET1_0,
         drop_rate: float = 0.5,
         norm_layer: Callable[..., nn.Module] | None = None,
-        init: str = "kaiming",
+        init: str = "reference",
     ) -> None:
         super().__init__()
         self.num_classes, self.in_channels = num_classes, in_channels
@@ -114,7 +116,7 @@ class SqueezeNet(Classifier):
         self.act = nn.ReLU(inplace=True)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.min_input_size = _min_input_size(config)
-        init_weights(self, init)
+        init_weights(self, init, lambda m: torchvision_squeezenet_init(m, self.final_conv))
         if init != "none" and isinstance(self.final_conv, nn.Conv2d):
             nn.init.normal_(self.final_conv.weight, 0.0, 0.01)
 

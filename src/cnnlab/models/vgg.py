@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from cnnlab.layers import ConvNormAct, init_weights
+from cnnlab.layers.init import kaiming_init
 from cnnlab.models.alexnet import FCHead, convert_sequential
 from cnnlab.models.base import Classifier, FeatureInfo
 from cnnlab.models.registry import Family, StateDict, overwrite_param, register_model
@@ -62,7 +63,7 @@ class VGGNet(Classifier):
         norm_layer: None in the paper; ``nn.BatchNorm2d`` for the ``_bn`` variants.
         act_layer: ReLU in the paper.
         drop_rate: dropout after fc6 and fc7 (0.5).
-        init: ``"kaiming"`` (torchvision's scheme: He fan-out convs, N(0, 0.01) linears),
+        init: ``"reference"`` = ``"kaiming"`` (torchvision's scheme: He fan-out convs, N(0, 0.01) linears),
             ``"xavier"`` or ``"none"``.
     """
 
@@ -78,7 +79,7 @@ class VGGNet(Classifier):
         norm_layer: Callable[..., nn.Module] | None = None,
         act_layer: Callable[..., nn.Module] = nn.ReLU,
         drop_rate: float = 0.5,
-        init: str = "kaiming",
+        init: str = "reference",
     ) -> None:
         super().__init__()
         self.num_classes, self.in_channels = num_classes, in_channels
@@ -97,7 +98,7 @@ class VGGNet(Classifier):
         self.stages = nn.Sequential(*blocks)
         self.head = FCHead(channels, num_classes, pool_size=7, drop_rate=drop_rate, act_layer=act_layer)
         self.num_features = self.head.fc7.out_features
-        init_weights(self, init)
+        init_weights(self, init, kaiming_init)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(x)  # (B, 3, 224, 224) -> (B, 512, 7, 7)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from cnnlab._errors import CnnlabError
-from cnnlab.models.registry import ModelInfo, StateDict, model_info
+from cnnlab.models.catalog import ModelInfo, StateDict, model_info
 
 PRETRAINED_SOURCES = ("torchvision", "timm")
 
@@ -30,24 +30,47 @@ class LoadResult:
         return not (self.missing or self.unexpected or self.mismatched)
 
 
+_EXPECTED = ("weights must be a safetensors file or a torch file (torch.save of a state_dict) "
+             "readable with torch.load(weights_only=True)")
+
+
+def _looks_like_safetensors(head: bytes) -> bool:
+    """safetensors: an 8-byte little-endian header length, then the JSON header."""
+    return len(head) > 8 and head[8:9] == b"{"
+
+
+def _looks_like_torch(head: bytes) -> bool:
+    """torch.save writes a zip archive (PyTorch >= 1.6) or, before, a pickle (protocol byte 0x80)."""
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
 def read_state_dict(path: str | os.PathLike) -> StateDict:
-    """Read a state_dict from a safetensors file, or a torch file with ``weights_only=True``."""
+    """Read a state_dict from a safetensors file, or a torch file with ``weights_only=True``.
+
+    The format is told from the file's first bytes, not its name; anything else is refused with
+    what was expected (torch's own error for a text file is ``KeyError: 101``).
+    """
     path = Path(path)
     if not path.is_file():
         raise CnnlabError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if path.suffix == ".safetensors" or _looks_like_safetensors(head):
         from safetensors.torch import load_file
 
         try:
             return load_file(str(path))
         except Exception as e:  # safetensors raises its own error types
-            raise CnnlabError(f"{path} is not a readable safetensors file ({e})") from None
+            raise CnnlabError(f"{path} is not a readable safetensors file ({e}); {_EXPECTED}") from None
+    if not _looks_like_torch(head):
+        raise CnnlabError(f"{path} is neither a safetensors nor a torch file (it starts with {head[:8]!r}); {_EXPECTED}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CnnlabError(
-            f"{path} is not a readable torch weights file ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-            "cnnlab loads with weights_only=True, so it must hold tensors, not pickled objects"
+            f"{path} is a torch file that torch.load(weights_only=True) cannot read "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:120]}); {_EXPECTED}: it must hold tensors "
+            "(a state_dict, optionally under 'state_dict' or 'model'), not pickled objects"
         ) from None
     return _unwrap(obj, str(path))
 

@@ -30,6 +30,7 @@ from torch import nn
 
 from cnnlab._errors import CnnlabError
 from cnnlab.layers import ConvNormAct, SeparableConv2d, get_act_layer, get_norm_layer, init_weights, make_act
+from cnnlab.layers.init import torchvision_resnet_init
 from cnnlab.models._convert import replace_prefix
 from cnnlab.models.base import Classifier, FeatureInfo
 from cnnlab.models.registry import Family, StateDict, register_model
@@ -135,7 +136,8 @@ class Xception(Classifier):
         blocks: the residual blocks, each tagged with its flow.
         drop_rate: dropout before the classifier (0.5 on ImageNet, paper §4.3).
         norm_layer, act_layer: factories or names.
-        init: ``"kaiming"``, ``"xavier"`` or ``"none"``.
+        init: ``"reference"`` (timm's legacy Xception: He normal fan_out convs, PyTorch's default linear),
+            ``"kaiming"``, ``"xavier"`` or ``"none"``.
     """
 
     head_name = "fc"
@@ -150,7 +152,7 @@ class Xception(Classifier):
         drop_rate: float = 0.5,
         norm_layer: LayerFactory | str = nn.BatchNorm2d,
         act_layer: LayerFactory | str = nn.ReLU,
-        init: str = "kaiming",
+        init: str = "reference",
     ) -> None:
         super().__init__()
         bad = [row.flow for row in blocks if row.flow not in FLOWS]
@@ -187,7 +189,7 @@ class Xception(Classifier):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(channels, num_classes) if num_classes > 0 else nn.Identity()
-        init_weights(self, init)
+        init_weights(self, init, torchvision_resnet_init)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.exit_flow(self.middle_flow(self.entry_flow(self.stem(x))))
