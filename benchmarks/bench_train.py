@@ -60,7 +60,7 @@ def run(model, batches, steps: int, amp: bool, channels_last: bool) -> tuple[flo
 
 def main() -> None:
     from cnnlab import create_model
-    from cnnlab.cli.demo import cpu_has_bf16
+    from cnnlab._platform import cpu_has_bf16
     from cnnlab.data.augment import Compose, RandomCrop, RandomFlip
     from cnnlab.data.datasets import fashion_mnist
     from cnnlab.data.loader import TensorLoader

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 from cnnlab._errors import CnnlabError
@@ -24,9 +25,12 @@ _LAZY = {"summary": "cnnlab.analysis", "create_model": "cnnlab.models", "list_mo
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif not name.startswith("_") and importlib.util.find_spec(f"cnnlab.{name}") is not None:
+        value = importlib.import_module(f"cnnlab.{name}")  # `import cnnlab; cnnlab.models.X` as before
+    else:
         raise AttributeError(f"module 'cnnlab' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name]), name)
     globals()[name] = value  # later lookups skip this function
     return value
 

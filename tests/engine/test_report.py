@@ -4,16 +4,16 @@ from __future__ import annotations
 import base64
 import json
 import shutil
-from html import escape
 from html.parser import HTMLParser
 
 import pytest
+from markupsafe import escape  # what Jinja2's autoescape writes (&#34; for a double quote)
 
 from cnnlab._errors import CnnlabError
 from cnnlab.cli.main import main
 from cnnlab.data import datasets as D
 from cnnlab.engine import train
-from cnnlab.engine.report import write_comparison_report, write_html_report
+from cnnlab.engine.html_report import write_comparison_report, write_html_report
 from tests.engine._tiny import make_tiny, tiny_config
 
 RUN_NAME = 'r<b>&"1'  # characters that break HTML unless escaped
@@ -181,3 +181,99 @@ def test_errors_name_the_folder_and_what_is_expected(run, tmp_path, capsys):
     (tmp_path / "runs" / "a" / "results.json").write_text("{")
     with pytest.raises(CnnlabError, match=r"results.json cannot be read as JSON.*damaged"):
         write_html_report(tmp_path / "runs" / "a")
+
+
+# ---------------------------------------------------------------- task-generic page
+
+
+def reconstruction_copy(run, dest):
+    """A copy of the run rewritten as another task would leave it: its own metrics.csv columns and test_metrics."""
+    shutil.copytree(run, dest)
+    for name in ("report.html", "confusion_matrix.png", "misclassified.png", "curves.png"):
+        (dest / name).unlink(missing_ok=True)
+    (dest / "metrics.csv").write_text("epoch,train_loss,train_psnr,val_loss,val_psnr,lr,time_s\n"
+                                      "1,0.05,14.25,0.04,15.5,0.1,2.0\n2,0.03,17.75,0.035,16.125,0.05,2.0\n")
+    results = json.loads((run / "results.json").read_text())
+    (dest / "results.json").write_text(json.dumps({
+        "task": "reconstruction-test", "test_metrics": {"psnr": 16.0625, "loss": 0.0375}, "best_epoch": 2,
+        "epochs_run": 2, "stopped_early": False, "wall_s": 4.0, "cpu_s": 4.0, "confusion": results["confusion"]}))
+    return dest
+
+
+def test_a_task_brings_its_own_sections_and_metrics(run, tmp_path, monkeypatch):
+    from cnnlab.engine import html_report as H
+
+    folder = reconstruction_copy(run, tmp_path / "recon")
+    seen = []
+
+    def sections(run_dir, results):
+        seen.append((run_dir, results))
+        return [H.ReportSection("Reconstructions <x>", "inputs & outputs", table=[{"image": "a", "psnr": 16.0625}],
+                                images=[run / "confusion_matrix.png", run_dir / "not-drawn.png"])]
+
+    monkeypatch.setitem(H._SECTIONS, "reconstruction-test", sections)
+    text = write_html_report(folder).read_text()
+    page = Page(text)
+    assert seen == [(folder, json.loads((folder / "results.json").read_text()))]
+    assert "test PSNR (dB) 16.0625" in page.all_text and "test loss 0.0375" in page.all_text
+    assert "test accuracy" not in page.all_text and "per-class" not in page.rows  # no classification parts
+    assert "best validation PSNR (dB) 16.1250" in page.all_text  # the higher val_psnr is the better one
+    assert page.rows["per-epoch"] == 2 and "val psnr" in page.all_text and "images/s" not in page.all_text
+    assert page.rows["reconstructions-x"] == 1 and "Reconstructions <x>" in page.all_text and "<x>" not in text
+    assert len(page.imgs) == 2  # the curves drawn from metrics.csv, the section's existing PNG; no missing one
+    assert png_bytes(page.imgs[1]) == (run / "confusion_matrix.png").read_bytes()
+
+    # sections passed in replace the registered ones; an unknown task says so instead of failing
+    page = Page(write_html_report(folder, sections=[H.ReportSection("Only this")]).read_text())
+    assert "Only this" in page.all_text and "Reconstructions" not in page.all_text
+    monkeypatch.delitem(H._SECTIONS, "reconstruction-test")
+    page = Page(write_html_report(folder).read_text())
+    assert "No report sections are registered for task 'reconstruction-test'" in page.all_text
+
+
+def test_sections_of_an_unfinished_run_get_no_results(run, tmp_path, monkeypatch):
+    from cnnlab.engine import html_report as H
+
+    stopped = interrupted_copy(run, tmp_path / "stopped")
+    seen = []
+    monkeypatch.setitem(H._SECTIONS, "classification", lambda run_dir, results: seen.append(results) or [])
+    write_html_report(stopped)
+    assert seen == [{}]  # no stale test numbers reach a task's sections
+
+
+def test_register_report_sections_refuses_a_second_function():
+    from cnnlab.engine import html_report as H
+
+    H.register_report_sections("classification", H.classification_sections)  # the same again: fine
+    with pytest.raises(CnnlabError, match="already registered.*replace=True"):
+        H.register_report_sections("classification", lambda run_dir, results: [])
+    with pytest.raises(CnnlabError, match="task_name must be a non-empty string"):
+        H.register_report_sections("", H.classification_sections)
+
+
+def test_curves_have_one_panel_per_metric_and_skip_missing_values():
+    from cnnlab.engine.report import curves_figure
+
+    history = [{"epoch": 1, "train_loss": 1.0, "val_loss": None, "train_psnr": 10.0, "val_psnr": None, "lr": 0.1},
+               {"epoch": 2, "train_loss": 0.5, "val_loss": 0.7, "train_psnr": 12.0, "val_psnr": 11.0, "lr": 0.1,
+                "val_miou": 0.25}]
+    fig = curves_figure(history)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["loss", "PSNR (dB)", "mIoU"]
+    lines = {(ax.get_title(), line.get_label()): (list(line.get_xdata()), list(line.get_ydata()))
+             for ax in fig.axes for line in ax.lines}
+    assert lines == {("loss", "train"): ([1, 2], [1.0, 0.5]), ("loss", "validation"): ([2], [0.7]),
+                     ("PSNR (dB)", "train"): ([1, 2], [10.0, 12.0]), ("PSNR (dB)", "validation"): ([2], [11.0]),
+                     ("mIoU", "validation"): ([2], [0.25])}
+    from cnnlab._plot import pyplot
+
+    pyplot().close(fig)
+
+
+def test_comparison_uses_each_runs_metrics(run, tmp_path):
+    folder = reconstruction_copy(run, tmp_path / "recon")
+    page = Page(write_comparison_report([run, folder], tmp_path / "c.html").read_text())
+    results = json.loads((run / "results.json").read_text())
+    text = page.all_text
+    assert "test accuracy" in text and "test PSNR (dB)" in text and "best val PSNR (dB)" in text
+    assert f"{results['test_accuracy']:.4f}" in text and "16.0625" in text and "16.1250" in text

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cnnlab._io import atomic_write_text
+from cnnlab._io import atomic_write_text, dumps_json
 
 
 def human(n: float | None, unit: str = "") -> str:
@@ -97,7 +96,7 @@ class Summary:
                 "rows": [asdict(r) for r in self.rows], "totals": totals, "conventions": self.conventions}
 
     def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2)
+        text = dumps_json(self.to_dict(), indent=2)
         if path is not None:
             atomic_write_text(path, text)
         return text

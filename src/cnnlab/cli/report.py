@@ -20,13 +20,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from cnnlab.cli._paths import output_path
-    from cnnlab.engine.report import write_comparison_report, write_html_report
+    from cnnlab.cli._paths import make_parent, output_path
+    from cnnlab.engine.html_report import write_comparison_report, write_html_report
 
     output_path(args.out, "--out", suffix=".html")
     if len(args.runs) == 1:
-        path = write_html_report(args.runs[0], args.out)
+        path = write_html_report(args.runs[0], make_parent(args.out, "--out"))
     else:
-        path = write_comparison_report(args.runs, args.out or Path(args.runs[0]).parent / "compare.html")
+        path = write_comparison_report(args.runs, make_parent(args.out, "--out") or Path(args.runs[0]).parent / "compare.html")
     print(path)
     return 0

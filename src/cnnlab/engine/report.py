@@ -1,4 +1,7 @@
-"""What a run leaves behind besides checkpoints: metrics.csv, the PNG plots (matplotlib, Agg backend), report.html."""
+"""What a run leaves behind besides checkpoints: metrics.csv and the PNG plots (matplotlib, Agg backend).
+
+report.html is engine/html_report.py's job; it builds on this module, never the other way round.
+"""
 from __future__ import annotations
 
 import csv
@@ -16,13 +19,18 @@ from cnnlab._plot import pyplot, save_figure
 METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "time_s", "cpu_s", "images_per_s")
 
 
-def write_metrics(path: str | os.PathLike, history: Sequence[dict[str, Any]]) -> None:
-    """Rewrite metrics.csv from the whole history (one row per epoch), so a resumed run never duplicates rows."""
+def write_metrics(path: str | os.PathLike, history: Sequence[dict[str, Any]],
+                  columns: Sequence[str] = METRIC_COLUMNS) -> None:
+    """Rewrite metrics.csv from the whole history (one row per epoch), so a resumed run never duplicates rows.
+
+    ``columns`` are the CSV's columns in order (a task with other metrics passes its own); keys of a row that
+    are not columns are left out, columns a row lacks are empty.
+    """
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
     writer.writeheader()
     for row in history:
-        writer.writerow({k: ("" if row.get(k) is None else _fmt(row[k])) for k in METRIC_COLUMNS})
+        writer.writerow({k: ("" if row.get(k) is None else _fmt(row[k])) for k in columns})
     atomic_write_text(path, buf.getvalue())
 
 
@@ -30,25 +38,47 @@ def _fmt(v: Any) -> str:
     return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
+# how a metric's panel is titled; any other metric is titled by its name
+METRIC_TITLES = {"loss": "loss", "acc": "accuracy", "psnr": "PSNR (dB)", "ssim": "SSIM", "miou": "mIoU", "map": "mAP"}
+
+
+def curve_metrics(history: Sequence[dict[str, Any]]) -> list[str]:
+    """The metrics a history has curves of: ``loss`` first, then each X of a ``train_X`` or ``val_X`` key, in order."""
+    names: list[str] = []
+    for row in history:
+        for key in row:
+            prefix, _, name = key.partition("_")
+            if prefix in ("train", "val") and name and name not in names:
+                names.append(name)
+    return sorted(names, key=lambda n: n != "loss")  # stable: loss first, the rest as they came
+
+
 def plot_curves(path: str | os.PathLike, history: Sequence[dict[str, Any]]) -> Path:
-    """Loss and accuracy per epoch, train against validation: the curves to read over- and under-fitting."""
+    """Loss and every other metric per epoch, train against validation: the curves to read over- and under-fitting."""
     return save_figure(curves_figure(history), path)
 
 
+def _points(history: Sequence[dict[str, Any]], key: str) -> tuple[list[Any], list[Any]]:
+    """(epochs, values) of ``key`` where it has a value: None (no validation, a metric not measured) is skipped."""
+    pairs = [(r["epoch"], r[key]) for r in history if r.get(key) is not None]
+    return [e for e, _ in pairs], [v for _, v in pairs]
+
+
 def curves_figure(history: Sequence[dict[str, Any]]):
-    """The figure of ``plot_curves`` (the caller saves and closes it; the HTML report embeds it from memory)."""
+    """The figure of ``plot_curves``: one panel for the losses, one per other metric (the caller saves and closes it)."""
     plt = pyplot()
-    epochs = [r["epoch"] for r in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, title in ((ax_loss, "loss", "loss"), (ax_acc, "acc", "accuracy")):
-        ax.plot(epochs, [r[f"train_{key}"] for r in history], "o-", label="train")
-        val = [r.get(f"val_{key}") for r in history]
-        if any(v is not None for v in val):
-            ax.plot(epochs, val, "o-", label="validation")
+    names = curve_metrics(history) or ["loss"]
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        for prefix, label in (("train", "train"), ("val", "validation")):
+            epochs, values = _points(history, f"{prefix}_{name}")
+            if values:
+                ax.plot(epochs, values, "o-", label=label)
         ax.set_xlabel("epoch")
-        ax.set_title(title)
+        ax.set_title(METRIC_TITLES.get(name, name.replace("_", " ")))
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.lines:
+            ax.legend()
     fig.tight_layout()
     return fig
 
@@ -98,17 +128,3 @@ def plot_misclassified(path: str | os.PathLike, images: torch.Tensor, labels: to
         ax.set_title(f"{classes[int(labels[i])][:10]}\n-> {classes[int(predictions[i])][:10]}", fontsize=7)
     fig.tight_layout()
     return save_figure(fig, path)
-
-
-def write_html_report(run_dir: str | os.PathLike, path: str | os.PathLike | None = None) -> Path:
-    """One self-contained HTML page for a run folder (default ``run_dir/report.html``); see engine/html_report.py."""
-    from cnnlab.engine.html_report import write_html_report as write
-
-    return write(run_dir, path)
-
-
-def write_comparison_report(run_dirs: Sequence[str | os.PathLike], path: str | os.PathLike) -> Path:
-    """One HTML page comparing several run folders: a table and overlaid learning curves."""
-    from cnnlab.engine.html_report import write_comparison_report as write
-
-    return write(run_dirs, path)
