@@ -1,10 +1,8 @@
-"""IDX/CIFAR readers, checksummed downloads and the named datasets, on small fake files (never the network)."""
+"""The named datasets through torchvision's readers, on small fake files in its layouts (never the network)."""
 from __future__ import annotations
 
 import hashlib
-import pickle
 import tarfile
-import io
 
 import numpy as np
 import pytest
@@ -12,103 +10,145 @@ import torch
 
 from cnnlab._errors import CnnlabError
 from cnnlab.data import datasets as D
-from cnnlab.data.download import download
-from cnnlab.data.idx import read_idx, write_idx
+from tests.data._fakes import cifar_archive, idx_arrays, serve_folder, write_idx
 
 
 def _md5(path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
-def _fake_idx_mirror(tmp_path, n_train=12, n_test=5, size=6):
-    """A folder laid out like the authors' server: four gzipped IDX files."""
-    rng = np.random.default_rng(0)
-    mirror = tmp_path / "mirror"
-    mirror.mkdir()
-    arrays = [rng.integers(0, 256, (n_train, size, size), dtype=np.uint8), rng.integers(0, 10, n_train, dtype=np.uint8),
-              rng.integers(0, 256, (n_test, size, size), dtype=np.uint8), rng.integers(0, 10, n_test, dtype=np.uint8)]
-    for name, a in zip(D.IDX_FILES, arrays):
-        write_idx(mirror / name, a)
-    return mirror, arrays
-
-
-def test_idx_roundtrip_gz_and_raw(tmp_path):
-    a = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
-    for name in ("a.idx", "a.idx.gz"):
-        np.testing.assert_array_equal(read_idx(write_idx(tmp_path / name, a)), a)
-
-
-def test_idx_truncated_and_garbage_raise(tmp_path):
-    path = write_idx(tmp_path / "a.idx", np.zeros((4, 5, 5), np.uint8))
-    path.write_bytes(path.read_bytes()[:-7])
-    with pytest.raises(CnnlabError, match="truncated or corrupt"):
-        read_idx(path)
-    (tmp_path / "b.idx").write_bytes(b"hello world")
-    with pytest.raises(CnnlabError, match="not an IDX file"):
-        read_idx(tmp_path / "b.idx")
-
-
-def test_fashion_mnist_downloads_checks_md5_and_caches(tmp_path, monkeypatch):
-    mirror, arrays = _fake_idx_mirror(tmp_path)
+@pytest.fixture(autouse=True)
+def _no_system_folder(monkeypatch):
     monkeypatch.setattr(D, "SYSTEM_DIRS", {})  # never look at the Debian package in tests
-    monkeypatch.setattr(D, "FASHION_MNIST_URLS", (str(mirror) + "/",))
-    monkeypatch.setattr(D, "FASHION_MNIST_MD5", {f: _md5(mirror / f) for f in D.IDX_FILES})
+
+
+def _check(data, arrays):
+    """The tensors are the arrays written: (N, 1, H, W) uint8 images and int64 labels."""
+    assert data.train_images.dtype == torch.uint8 and data.train_labels.dtype == torch.int64
+    for got, want in zip((data.train_images[:, 0], data.train_labels, data.test_images[:, 0], data.test_labels), arrays):
+        np.testing.assert_array_equal(got.numpy(), want)
+
+
+def test_reads_torchvisions_layout(tmp_path):
+    arrays = idx_arrays()
+    for name, a in zip(D.IDX_FILES, arrays):
+        write_idx(tmp_path / "MNIST" / "raw" / name, a)
+    data = D.mnist(root=tmp_path, download=False)
+    _check(data, arrays)
+    assert data.classes == [str(i) for i in range(10)] and data.input_shape == (1, 6, 6)
+
+
+def test_system_folder_of_gzipped_files_is_decompressed_into_the_cache(tmp_path, monkeypatch):
+    arrays = idx_arrays(seed=1)
+    system = tmp_path / "usr-share"
+    for name, a in zip(D.IDX_FILES, arrays):
+        write_idx(system / f"{name}.gz", a)
+    monkeypatch.setattr(D, "SYSTEM_DIRS", {"fashion_mnist": system})
     cache = tmp_path / "cache"
-    data = D.fashion_mnist(root=cache)
-    assert data.train_images.shape == (12, 1, 6, 6) and data.train_images.dtype == torch.uint8
-    np.testing.assert_array_equal(data.test_labels.numpy(), arrays[3])
-    assert data.classes[9] == "Ankle boot" and all((cache / f).is_file() for f in D.IDX_FILES)
-    (mirror / D.IDX_FILES[0]).unlink()  # second call reads the cache, not the mirror
-    assert D.fashion_mnist(root=cache).train_images.shape[0] == 12
+    data = D.fashion_mnist(root=cache, download=False)
+    _check(data, arrays)
+    assert data.classes[9] == "Ankle boot"
+    assert sorted(p.name for p in (cache / "FashionMNIST" / "raw").iterdir()) == sorted(D.IDX_FILES)
+    assert not any(p.name.startswith(".staging") for p in cache.iterdir())
+    for f in system.iterdir():  # the second load reads the cache alone
+        f.unlink()
+    _check(D.fashion_mnist(root=cache, download=False), arrays)
 
 
-def test_download_rejects_bad_checksum_and_leaves_nothing(tmp_path):
-    src = tmp_path / "file.bin"
-    src.write_bytes(b"abc")
-    with pytest.raises(CnnlabError, match="checksum mismatch"):
-        download(str(src), tmp_path / "out" / "file.bin", md5="0" * 32)
-    assert list((tmp_path / "out").iterdir()) == []
-    assert download(str(src), tmp_path / "out" / "file.bin", md5=_md5(src)).read_bytes() == b"abc"
+@pytest.fixture
+def mirror(tmp_path):
+    """A fake mirror: tmp_path/mirror served over HTTP on the loopback interface."""
+    (tmp_path / "mirror").mkdir()
+    with serve_folder(tmp_path / "mirror") as url:
+        yield tmp_path / "mirror", url
 
 
-def test_missing_files_without_download(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "SYSTEM_DIRS", {})
+def test_downloads_through_torchvision_with_md5_and_mirrors(tmp_path, monkeypatch, mirror):
+    arrays = idx_arrays(seed=2)
+    mirror, url = mirror
+    for name, a in zip(D.IDX_FILES, arrays):
+        write_idx(mirror / f"{name}.gz", a)
+    # the first mirror lacks the files (404): torchvision tries the next
+    monkeypatch.setattr(D._FashionMNIST, "mirrors", [url + "missing/", url])
+    monkeypatch.setattr(D._FashionMNIST, "resources", [(f"{n}.gz", _md5(mirror / f"{n}.gz")) for n in D.IDX_FILES])
+    cache = tmp_path / "cache"
+    _check(D.fashion_mnist(root=cache), arrays)
+    assert sorted(p.name for p in (cache / "FashionMNIST" / "raw").iterdir()) == sorted(D.IDX_FILES)
+    # a wrong checksum is refused and leaves nothing that looks like a dataset
+    monkeypatch.setattr(D._FashionMNIST, "resources", [(f"{n}.gz", "0" * 32) for n in D.IDX_FILES])
+    with pytest.raises(CnnlabError, match="could not download FashionMNIST"):
+        D.fashion_mnist(root=tmp_path / "other")
+    assert not (tmp_path / "other" / "FashionMNIST").exists()
+
+
+def test_missing_files_without_download(tmp_path):
     with pytest.raises(CnnlabError, match="downloading is off"):
         D.mnist(root=tmp_path, download=False)
 
 
-def _fake_cifar(path, n_per_batch=3):
-    rng = np.random.default_rng(1)
-    buf = tarfile.open(path, "w:gz")
-
-    def add(name, obj):
-        data = pickle.dumps(obj)
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        buf.addfile(info, io.BytesIO(data))
-
-    for i in range(1, 6):
-        add(f"cifar-10-batches-py/data_batch_{i}", {b"data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
-                                                    b"labels": [i % 10] * n_per_batch})
-    add("cifar-10-batches-py/test_batch", {b"data": np.full((2, 3072), 7, np.uint8), b"labels": [3, 4]})
-    add("cifar-10-batches-py/batches.meta", {b"label_names": [c.encode() for c in D.CIFAR10_CLASSES]})
-    buf.close()
+def test_truncated_file_is_a_clear_error(tmp_path):
+    paths = [write_idx(tmp_path / "MNIST" / "raw" / name, a) for name, a in zip(D.IDX_FILES, idx_arrays())]
+    paths[0].write_bytes(paths[0].read_bytes()[:-7])
+    with pytest.raises(CnnlabError, match="corrupt or truncated"):
+        D.mnist(root=tmp_path, download=False)
+    paths[0].write_bytes(b"hello world")
+    with pytest.raises(CnnlabError, match="corrupt or truncated"):
+        D.mnist(root=tmp_path, download=False)
 
 
-def test_cifar10_fake_archive_with_checksum(tmp_path, monkeypatch):
-    mirror = tmp_path / "mirror"
-    mirror.mkdir()
-    _fake_cifar(mirror / "cifar-10-python.tar.gz")
-    monkeypatch.setattr(D, "CIFAR10", ("cifar-10-python.tar.gz", _md5(mirror / "cifar-10-python.tar.gz"), str(mirror) + "/"))
+def _cifar10_members(rng):
+    batches = {f"cifar-10-batches-py/data_batch_{i}": {"data": rng.integers(0, 256, (3, 3072), dtype=np.uint8),
+                                                       "labels": [i % 10] * 3} for i in range(1, 6)}
+    batches["cifar-10-batches-py/test_batch"] = {"data": np.full((2, 3072), 7, np.uint8), "labels": [3, 4]}
+    batches["cifar-10-batches-py/batches.meta"] = {"label_names": D.CIFAR10_CLASSES}
+    return batches
+
+
+def _trust_fake_cifar(monkeypatch, cls, archive, url):
+    """Point cnnlab's CIFAR class at the fake archive: its URL and the md5 of each member."""
+    monkeypatch.setattr(cls, "url", url + archive.name)
+    monkeypatch.setattr(cls, "tgz_md5", _md5(archive))
+    with tarfile.open(archive) as tar:
+        sums = {m.name.split("/")[-1]: hashlib.md5(tar.extractfile(m).read()).hexdigest() for m in tar.getmembers()}
+    monkeypatch.setattr(cls, "train_list", [[f, sums[f]] for f, _ in cls.train_list])
+    monkeypatch.setattr(cls, "test_list", [[f, sums[f]] for f, _ in cls.test_list])
+    monkeypatch.setattr(cls, "meta", dict(cls.meta, md5=sums[cls.meta["filename"]]))
+
+
+def test_cifar10_downloads_checks_and_extracts(tmp_path, monkeypatch, mirror):
+    members = _cifar10_members(np.random.default_rng(1))
+    archive = cifar_archive(mirror[0] / "cifar-10-python.tar.gz", members)
+    _trust_fake_cifar(monkeypatch, D._CIFAR10, archive, mirror[1])
     data = D.cifar10(root=tmp_path / "cache")
     assert data.train_images.shape == (15, 3, 32, 32) and data.test_labels.tolist() == [3, 4]
-    assert data.classes[0] == "airplane" and int(data.test_images[0, 2, 31, 31]) == 7
+    assert data.classes == D.CIFAR10_CLASSES and int(data.test_images[0, 2, 31, 31]) == 7
+    # the authors' row layout: 1024 red, then green, then blue values, each row-major (32, 32)
+    first = members["cifar-10-batches-py/data_batch_1"]["data"][0]
+    np.testing.assert_array_equal(data.train_images[0].numpy(), first.reshape(3, 32, 32))
+    archive.unlink()  # the second load reads the extracted batches
+    assert torch.equal(D.cifar10(root=tmp_path / "cache", download=False).train_images, data.train_images)
 
 
 def test_corrupt_cifar_archive_is_a_clear_error(tmp_path):
     (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"not a tar")
-    with pytest.raises(CnnlabError, match="not a readable CIFAR archive"):
+    with pytest.raises(CnnlabError, match="checksum mismatch"):
         D.cifar10(root=tmp_path, download=False)
+    with pytest.raises(CnnlabError, match="downloading is off"):
+        D.cifar10(root=tmp_path / "empty", download=False)
+
+
+def test_cifar100_fake_archive_fine_labels(tmp_path, monkeypatch, mirror):
+    archive = cifar_archive(mirror[0] / "cifar-100-python.tar.gz", {
+        "cifar-100-python/train": {"data": np.zeros((4, 3072), np.uint8), "fine_labels": [0, 1, 99, 5]},
+        "cifar-100-python/test": {"data": np.ones((2, 3072), np.uint8), "fine_labels": [7, 8]},
+        "cifar-100-python/meta": {"fine_label_names": [f"c{i}" for i in range(100)]}})
+    _trust_fake_cifar(monkeypatch, D._CIFAR100, archive, mirror[1])
+    data = D.cifar100(root=tmp_path / "cache")
+    assert data.name == "cifar100" and data.num_classes == 100 and data.train_labels.tolist() == [0, 1, 99, 5]
+    monkeypatch.setattr(D._CIFAR100, "tgz_md5", "f" * 32)
+    with pytest.raises(CnnlabError, match="could not download"):
+        D.cifar100(root=tmp_path / "other")
+    assert not (tmp_path / "other" / "cifar-100-python").exists()
 
 
 def test_bundled_datasets_fixed_splits():
@@ -122,23 +162,3 @@ def test_bundled_datasets_fixed_splits():
 def test_unknown_dataset_suggests():
     with pytest.raises(CnnlabError, match="did you mean fashion_mnist"):
         D.load_dataset("fashion_mnsit")
-
-
-def test_cifar100_fake_archive_fine_labels(tmp_path, monkeypatch):
-    mirror = tmp_path / "mirror"
-    mirror.mkdir()
-    path = mirror / "cifar-100-python.tar.gz"
-    with tarfile.open(path, "w:gz") as tar:
-        for name, obj in (("cifar-100-python/train", {b"data": np.zeros((4, 3072), np.uint8), b"fine_labels": [0, 1, 99, 5]}),
-                          ("cifar-100-python/test", {b"data": np.ones((2, 3072), np.uint8), b"fine_labels": [7, 8]}),
-                          ("cifar-100-python/meta", {b"fine_label_names": [f"c{i}".encode() for i in range(100)]})):
-            data = pickle.dumps(obj)
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    monkeypatch.setattr(D, "CIFAR100", ("cifar-100-python.tar.gz", _md5(path), str(mirror) + "/"))
-    data = D.cifar100(root=tmp_path / "cache")
-    assert data.name == "cifar100" and data.num_classes == 100 and data.train_labels.tolist() == [0, 1, 99, 5]
-    monkeypatch.setattr(D, "CIFAR100", ("cifar-100-python.tar.gz", "f" * 32, str(mirror) + "/"))
-    with pytest.raises(CnnlabError, match="checksum mismatch"):
-        D.cifar100(root=tmp_path / "other")

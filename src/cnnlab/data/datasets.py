@@ -2,22 +2,31 @@
 
 Every loader returns a :class:`TensorDataset` of uint8 images (N, C, H, W) and int64 labels
 with its official train/test split; small enough to sit on the training device whole.
+
+The files are read, checked and downloaded by ``torchvision.datasets`` (its MNIST, FashionMNIST,
+CIFAR10 and CIFAR100 readers, mirrors and md5 sums) in torchvision's layout under the cache
+folder ``<cache>/<name>`` (``<cache>/fashion_mnist/FashionMNIST/raw/train-images-idx3-ubyte``,
+``<cache>/cifar10/cifar-10-batches-py/data_batch_1``). cnnlab adds only what torchvision lacks:
+the Debian package's folder (gzipped IDX files, decompressed into the cache once), staging so
+that an interrupted download or extraction never leaves files that look complete, and errors
+that name the folder and what to do.
 """
 from __future__ import annotations
 
 import os
-import pickle
+import shutil
 import tarfile
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torchvision import datasets as tvd
+from torchvision.datasets.utils import check_integrity, download_url, extract_archive
 
 from cnnlab._errors import CnnlabError, did_you_mean
-from cnnlab.data.download import default_cache_dir, download
-from cnnlab.data.idx import read_idx
 
 
 @dataclass
@@ -52,105 +61,189 @@ class TensorDataset:
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 DIGITS = [str(i) for i in range(10)]
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-IDX_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
-# md5 of the gzipped files as served by the authors (the same sums torchvision checks).
-FASHION_MNIST_MD5 = dict(zip(IDX_FILES, ("8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
-                                         "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310")))
-FASHION_MNIST_URLS = ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",)
-MNIST_MD5 = dict(zip(IDX_FILES, ("f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
-                                 "9fb629c4189551a2d022fa330f9573f3", "ec29112dd5afa0611ce80d1b7f02629c")))
-MNIST_URLS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
-CIFAR10 = ("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a", "https://www.cs.toronto.edu/~kriz/")
-CIFAR100 = ("cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85", "https://www.cs.toronto.edu/~kriz/")
-# Where Debian's dataset-fashion-mnist package puts the files (recompressed, so the md5s differ:
-# those files are checked by their IDX shapes instead).
+# Where Debian's dataset-fashion-mnist package puts the files (gzipped IDX, recompressed, so the
+# md5s of torchvision's list differ: those files are checked by torchvision's reader instead).
 SYSTEM_DIRS = {"fashion_mnist": Path("/usr/share/datasets/fashion-mnist"), "mnist": Path("/usr/share/datasets/mnist")}
+
+
+def default_cache_dir() -> Path:
+    """``$CNNLAB_DATA``, else ``$XDG_CACHE_HOME/cnnlab/data``, else ``~/.cache/cnnlab/data``."""
+    if os.environ.get("CNNLAB_DATA"):
+        return Path(os.environ["CNNLAB_DATA"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "cnnlab" / "data"
 
 
 def _root(root: str | os.PathLike | None, name: str) -> Path:
     return Path(root) if root is not None else default_cache_dir() / name
 
 
-def _idx_dataset(name: str, classes: list[str], md5: dict[str, str], urls: tuple[str, ...],
-                 root: str | os.PathLike | None, download_ok: bool, search_system: bool = True) -> TensorDataset:
-    """IDX files from ``root`` (the cache), else the system folder, else downloaded into ``root``."""
+class _Layout:
+    """torchvision's folder names (``<root>/MNIST/raw``) for cnnlab's subclasses, which it names by class."""
+
+    folder = ""
+
+    @property
+    def raw_folder(self) -> str:
+        return os.path.join(self.root, self.folder, "raw")  # type: ignore[attr-defined]
+
+    @property
+    def processed_folder(self) -> str:
+        return os.path.join(self.root, self.folder, "processed")  # type: ignore[attr-defined]
+
+
+# Subclasses so that cnnlab's settings (and the tests' fake mirrors and md5s) never change torchvision's classes.
+class _MNIST(_Layout, tvd.MNIST):
+    folder = "MNIST"
+
+
+class _FashionMNIST(_Layout, tvd.FashionMNIST):
+    folder = "FashionMNIST"
+
+
+class _CIFAR10(tvd.CIFAR10):
+    pass
+
+
+class _CIFAR100(tvd.CIFAR100):
+    pass
+
+
+def _staged(folder: Path, fill: Callable[[Path], None], publish: list[str]) -> None:
+    """Run ``fill(tmp)`` in a temporary folder inside ``folder``, then move each path in ``publish`` into place.
+
+    torchvision writes and extracts in place; staging keeps a half-written file from ever
+    looking complete to the next run (a file is either whole or absent).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".staging-"))
+    try:
+        fill(tmp)
+        for rel in publish:
+            dest = folder / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.is_dir():
+                shutil.rmtree(dest)
+            os.replace(tmp / rel, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _idx_dataset(name: str, cls: type[_MNIST] | type[_FashionMNIST], classes: list[str], root: str | os.PathLike | None,
+                 download_ok: bool) -> TensorDataset:
+    """torchvision's reader on ``<cache>/<Class>/raw``; filled from the system folder or downloaded when missing."""
     cache = _root(root, name)
-    folders = [cache] + ([SYSTEM_DIRS[name]] if search_system and name in SYSTEM_DIRS else [])
-    folder = next((d for d in folders if all((d / f).is_file() for f in IDX_FILES)), None)
-    if folder is None:
-        if not download_ok:
-            raise CnnlabError(f"{name}: files not found in {' or '.join(map(str, folders))} and downloading is off; "
-                              f"put {', '.join(IDX_FILES)} in {cache}")
-        for f in IDX_FILES:
-            download([u + f for u in urls], cache / f, md5[f])
-        folder = cache
-    arrays = [read_idx(folder / f) for f in IDX_FILES]
-    for images, labels, f in ((arrays[0], arrays[1], IDX_FILES[0]), (arrays[2], arrays[3], IDX_FILES[2])):
+    raw = Path(cls.folder) / "raw"  # torchvision's layout: <root>/<Class>/raw/<file>
+    if not all((cache / raw / f).is_file() for f in IDX_FILES):
+        # gzipped files: Debian's package, or a cache written by cnnlab before it used torchvision
+        flat = [d for d in (SYSTEM_DIRS.get(name), cache) if d is not None and d.is_dir()]
+        source = next((d for d in flat if all((d / f"{f}.gz").is_file() for f in IDX_FILES)), None)
+        try:
+            if source is not None:
+                try:
+                    _staged(cache, lambda tmp: _gunzip(source, tmp / raw), [str(raw / f) for f in IDX_FILES])
+                except PermissionError:  # a read-only cache: decompress for this load only
+                    with tempfile.TemporaryDirectory() as tmp:
+                        _gunzip(source, Path(tmp) / raw)
+                        return _read_idx_splits(name, cls, classes, Path(tmp))
+            elif download_ok:
+                _staged(cache, lambda tmp: _download_idx(cls, tmp), [str(raw / f) for f in IDX_FILES])
+            else:
+                places = " or ".join(str(d) for d in (cache / raw, SYSTEM_DIRS.get(name)) if d is not None)
+                raise CnnlabError(f"{name}: files not found in {places} and downloading is off; put "
+                                  f"{', '.join(IDX_FILES)} (or their .gz) in {cache / raw}")
+        except (OSError, EOFError) as e:
+            raise CnnlabError(f"{name}: could not unpack the IDX files into {cache / raw}: {e}") from None
+    return _read_idx_splits(name, cls, classes, cache)
+
+
+def _read_idx_splits(name: str, cls: type[_MNIST] | type[_FashionMNIST], classes: list[str],
+                     cache: Path) -> TensorDataset:
+    """Both splits through torchvision's reader, checked: (N, H, W) images, N labels within the classes."""
+    raw = Path(cls.folder) / "raw"
+    try:
+        splits = [cls(str(cache), train=train, download=False) for train in (True, False)]
+    except (AssertionError, RuntimeError, ValueError, TypeError, KeyError, IndexError, OSError) as e:
+        # torchvision's IDX reader asserts on a bad header and fails in reshape on a short file
+        raise CnnlabError(f"{name}: the IDX files in {cache / raw} are corrupt or truncated "
+                          f"({type(e).__name__}: {e}); delete them to fetch them again") from None
+    out = []
+    for ds, f in zip(splits, (IDX_FILES[0], IDX_FILES[2])):
+        images, labels = ds.data, ds.targets
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise CnnlabError(f"{folder / f}: expected images (N, H, W) and N labels, got {images.shape} and {labels.shape}")
-        if labels.max() >= len(classes):
-            raise CnnlabError(f"{folder / f}: label {labels.max()} out of range for {len(classes)} classes")
-    tensors = [torch.from_numpy(a.copy()) for a in arrays]
-    return TensorDataset(name, classes, tensors[0][:, None], tensors[1].long(), tensors[2][:, None], tensors[3].long())
+            raise CnnlabError(f"{cache / raw / f}: expected images (N, H, W) and N labels, got "
+                              f"{tuple(images.shape)} and {tuple(labels.shape)}")
+        if len(labels) and int(labels.max()) >= len(classes):
+            raise CnnlabError(f"{cache / raw / f}: label {int(labels.max())} out of range for {len(classes)} classes")
+        out += [images[:, None].contiguous(), labels.long()]
+    return TensorDataset(name, classes, *out)
+
+
+def _gunzip(source: Path, dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in IDX_FILES:
+        extract_archive(str(source / f"{f}.gz"), str(dest))  # torchvision's decompression: dest/<f>
+
+
+def _download_idx(cls: type[_MNIST] | type[_FashionMNIST], tmp: Path) -> None:
+    try:
+        cls(str(tmp), train=True, download=True)  # torchvision: mirrors in turn, md5 of each .gz, gunzip
+    except RuntimeError as e:
+        raise CnnlabError(f"could not download {cls.folder}: {e}") from None
 
 
 def fashion_mnist(root: str | os.PathLike | None = None, download: bool = True) -> TensorDataset:
     """Zalando's Fashion-MNIST (Xiao et al. 2017): 60,000 train / 10,000 test 28x28 grey images, 10 classes."""
-    return _idx_dataset("fashion_mnist", FASHION_CLASSES, FASHION_MNIST_MD5, FASHION_MNIST_URLS, root, download)
+    return _idx_dataset("fashion_mnist", _FashionMNIST, FASHION_CLASSES, root, download)
 
 
 def mnist(root: str | os.PathLike | None = None, download: bool = True) -> TensorDataset:
     """LeCun's MNIST digits: 60,000 train / 10,000 test 28x28 grey images."""
-    return _idx_dataset("mnist", DIGITS, MNIST_MD5, MNIST_URLS, root, download)
+    return _idx_dataset("mnist", _MNIST, DIGITS, root, download)
 
 
-def _read_cifar(archive: Path, members: dict[str, list[str]], label_key: bytes, meta: str, names_key: bytes) -> TensorDataset:
-    """Read CIFAR's python-pickle batches straight from the tar.gz (the authors' format)."""
-    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+def _cifar(name: str, cls: type[tvd.CIFAR10], root: str | os.PathLike | None, download_ok: bool) -> TensorDataset:
+    """torchvision's CIFAR reader on ``<cache>/<base_folder>``, extracted from ``<cache>/<archive>`` when missing."""
+    cache = _root(root, name)
+    archive = cache / cls.filename
+    if not all(check_integrity(str(cache / cls.base_folder / f), md5) for f, md5 in cls.train_list + cls.test_list):
+        if not archive.is_file():
+            if not download_ok:
+                raise CnnlabError(f"{name}: {archive} not found and downloading is off; put "
+                                  f"{cls.filename} from {cls.url} there")
+            try:
+                _staged(cache, lambda tmp: download_url(cls.url, str(tmp), cls.filename, cls.tgz_md5), [cls.filename])
+            except (RuntimeError, OSError) as e:
+                raise CnnlabError(f"could not download {cls.filename} from {cls.url}: {e}") from None
+        if not check_integrity(str(archive), cls.tgz_md5):
+            raise CnnlabError(f"{archive}: checksum mismatch (expected md5 {cls.tgz_md5}): the archive is corrupt or "
+                              "incomplete; delete it to download it again")
+        try:
+            _staged(cache, lambda tmp: extract_archive(str(archive), str(tmp)), [cls.base_folder])
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise CnnlabError(f"{archive} is not a readable CIFAR archive ({type(e).__name__}: {e})") from None
     try:
-        with tarfile.open(archive, "r:gz") as tar:
-            def load(member: str) -> dict:
-                f = tar.extractfile(member)
-                if f is None:
-                    raise KeyError(member)
-                return pickle.load(f, encoding="bytes")  # noqa: S301 (checksummed archive from the authors)
-            for split, batches in members.items():
-                dicts = [load(m) for m in batches]
-                images = np.concatenate([d[b"data"] for d in dicts]).reshape(-1, 3, 32, 32)
-                labels = np.concatenate([np.asarray(d[label_key]) for d in dicts])
-                out[split] = images, labels
-            classes = [c.decode() for c in load(meta)[names_key]]
-    except (tarfile.TarError, KeyError, pickle.UnpicklingError, EOFError, OSError) as e:
-        raise CnnlabError(f"{archive} is not a readable CIFAR archive ({type(e).__name__}: {e})") from None
-    t = {k: (torch.from_numpy(np.ascontiguousarray(v[0], dtype=np.uint8)), torch.from_numpy(v[1].astype(np.int64)))
-         for k, v in out.items()}
-    name = "cifar10" if len(classes) == 10 else "cifar100"
-    return TensorDataset(name, classes, *t["train"], *t["test"])
+        splits = [cls(str(cache), train=train, download=False) for train in (True, False)]
+    except (RuntimeError, ValueError, KeyError, OSError, EOFError) as e:
+        raise CnnlabError(f"{name}: the files in {cache / cls.base_folder} are not readable CIFAR batches ({e}); "
+                          "delete that folder to extract them again") from None
+    out = []
+    for ds in splits:  # torchvision holds (N, H, W, C) numpy images and a list of labels
+        out += [torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2), dtype=np.uint8)),
+                torch.as_tensor(ds.targets, dtype=torch.int64)]
+    return TensorDataset(name, list(splits[0].classes), *out)
 
 
 def cifar10(root: str | os.PathLike | None = None, download: bool = True) -> TensorDataset:
     """Krizhevsky's CIFAR-10: 50,000 train / 10,000 test 32x32 colour images, 10 classes."""
-    archive = _fetch_archive("cifar10", CIFAR10, root, download)
-    batches = {"train": [f"cifar-10-batches-py/data_batch_{i}" for i in range(1, 6)], "test": ["cifar-10-batches-py/test_batch"]}
-    return _read_cifar(archive, batches, b"labels", "cifar-10-batches-py/batches.meta", b"label_names")
+    return _cifar("cifar10", _CIFAR10, root, download)
 
 
 def cifar100(root: str | os.PathLike | None = None, download: bool = True) -> TensorDataset:
     """Krizhevsky's CIFAR-100 (fine labels): 50,000 train / 10,000 test 32x32 colour images, 100 classes."""
-    archive = _fetch_archive("cifar100", CIFAR100, root, download)
-    batches = {"train": ["cifar-100-python/train"], "test": ["cifar-100-python/test"]}
-    return _read_cifar(archive, batches, b"fine_labels", "cifar-100-python/meta", b"fine_label_names")
-
-
-def _fetch_archive(name: str, spec: tuple[str, str, str], root: str | os.PathLike | None, download_ok: bool) -> Path:
-    filename, md5, url = spec
-    path = _root(root, name) / filename
-    if path.is_file():
-        return path
-    if not download_ok:
-        raise CnnlabError(f"{name}: {path} not found and downloading is off")
-    return download(url + filename, path, md5)
+    return _cifar("cifar100", _CIFAR100, root, download)
 
 
 def _every_fifth_split(name: str, classes: list[str], images: np.ndarray, labels: np.ndarray, note: str) -> TensorDataset:

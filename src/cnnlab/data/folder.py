@@ -62,7 +62,8 @@ class ImageFolder(Dataset):
 def scan_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     """Classes (sub-folder names, sorted) and every image file under them; errors name the folder."""
     if not root.is_dir():
-        raise CnnlabError(f"image folder {root} does not exist")
+        what = "is a file" if root.exists() else "does not exist"
+        raise CnnlabError(f"image folder {root} {what}; expected a folder with one sub-folder of images per class")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise CnnlabError(f"image folder {root} has no class sub-folders (expected {root}/<class>/<image>.png)")
@@ -77,7 +78,11 @@ def scan_folder(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
 
 def folder_splits(root: str | os.PathLike) -> tuple[list[str], list[tuple[Path, int]], list[tuple[Path, int]], str]:
     """(classes, train files, test files, note): ``root/train`` + ``root/test`` (or ``val``) when present,
-    else every 5th image of each class is test."""
+    else every 5th image of each class (its 1st, 6th, 11th... in name order) is test.
+
+    The split is made per class, so every class has test images; fewer than 2 classes is refused
+    (a one-class "classifier" scores 100% whatever it learns).
+    """
     root = Path(root)
     for test_name in ("test", "val"):
         if (root / "train").is_dir() and (root / test_name).is_dir():
@@ -85,13 +90,25 @@ def folder_splits(root: str | os.PathLike) -> tuple[list[str], list[tuple[Path, 
             test_classes, test = scan_folder(root / test_name)
             if test_classes != classes:
                 raise CnnlabError(f"{root / test_name} has classes {test_classes}, {root / 'train'} has {classes}")
+            _need_two_classes(root / "train", classes)
             return classes, train, test, f"folders train/ and {test_name}/"
     classes, files = scan_folder(root)
-    train = [f for i, f in enumerate(files) if i % 5]
-    test = [f for i, f in enumerate(files) if i % 5 == 0]
-    if not train:
-        raise CnnlabError(f"image folder {root} is too small to split (need at least 2 images)")
-    return classes, train, test, "every 5th image is test"
+    _need_two_classes(root, classes)
+    train, test = [], []
+    for label, name in enumerate(classes):
+        mine = [f for f in files if f[1] == label]  # scan_folder lists each class's files in name order
+        if len(mine) < 2:
+            raise CnnlabError(f"class folder {root / name} holds {len(mine)} image; the automatic split needs at "
+                              f"least 2 per class (one for test), or give {root}/train/ and {root}/test/ folders")
+        test += mine[::5]
+        train += [f for i, f in enumerate(mine) if i % 5]
+    return classes, train, test, "every 5th image of each class is test"
+
+
+def _need_two_classes(root: Path, classes: list[str]) -> None:
+    if len(classes) < 2:
+        raise CnnlabError(f"image folder {root} has {len(classes)} class ({', '.join(classes)}): a classifier needs "
+                          f"at least 2 class sub-folders ({root}/<class>/<image>.png)")
 
 
 def folder_loader(dataset: ImageFolder, batch_size: int, shuffle: bool, num_workers: int, seed: int,

@@ -64,9 +64,13 @@ class PCAWhiten:
 
     @classmethod
     def fit(cls, images: torch.Tensor, eps: float = 1e-2, zca: bool = True, max_images: int = 20000) -> PCAWhiten:
+        """Fit on uint8 (N, C, H, W) images (at most ``max_images`` of them, chosen at random with a fixed seed)."""
         if images.ndim != 4:
             raise CnnlabError(f"PCAWhiten.fit needs (N, C, H, W) images, got shape {tuple(images.shape)}")
-        x = images[:max_images].to("cpu", torch.float64).flatten(1) / 255
+        if len(images) > max_images:  # a random subset: files are often sorted by class
+            keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:max_images].sort().values
+            images = images[keep]
+        x = images.to("cpu", torch.float64).flatten(1) / 255
         mean = x.mean(0)
         xc = x - mean
         cov = xc.T @ xc / (len(x) - 1)

@@ -4,7 +4,8 @@ A checkpoint ``<tag>`` in a run folder is three files:
 
 - ``<tag>.safetensors``: the model's state_dict (loadable by ``cnnlab.load_weights`` and
   ``create_model(weights=...)``);
-- ``<tag>.state.safetensors``: optimiser state tensors (``optim.<param index>.<name>``) and EMA weights (``ema.<key>``);
+- ``<tag>.state.safetensors``: optimiser state tensors (``optim.<param index>.<name>``), EMA weights (``ema.<key>``)
+  and the tensors of the data's preprocessing (``preprocess.<name>``: PCA/ZCA mean and matrix);
 - ``<tag>.json``: epoch, step, optimiser hyper-parameters, history, best metric.
 
 Each file is written to a temporary name and moved into place with ``os.replace``, the JSON
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 
 from cnnlab._errors import CnnlabError
-from cnnlab._io import atomic_write
+from cnnlab._io import atomic_write, dumps_json
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Checkpoint:
     optimizer: dict[str, Any] | None
     ema: dict[str, torch.Tensor] | None
     meta: dict[str, Any] = field(default_factory=dict)
+    preprocess: dict[str, torch.Tensor] = field(default_factory=dict)  # empty for checkpoints written before
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], token: str) -> None:
@@ -65,8 +67,12 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> d
 
 
 def save_checkpoint(run_dir: str | os.PathLike, tag: str, model: torch.nn.Module, meta: dict[str, Any],
-                    optimizer: torch.optim.Optimizer | None = None, ema: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write checkpoint ``tag`` (``best``, ``last``) into ``run_dir``; returns the weights path."""
+                    optimizer: torch.optim.Optimizer | None = None, ema: dict[str, torch.Tensor] | None = None,
+                    preprocess: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write checkpoint ``tag`` (``best``, ``last``) into ``run_dir``; returns the weights path.
+
+    ``preprocess`` holds the data's preprocessing tensors (``DataBundle.preprocess_tensors``).
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex
@@ -80,8 +86,10 @@ def save_checkpoint(run_dir: str | os.PathLike, tag: str, model: torch.nn.Module
         meta["optimizer"] = rest
     if ema is not None:
         extra.update({f"ema.{k}": v for k, v in ema.items()})
+    if preprocess:
+        extra.update({f"preprocess.{k}": v for k, v in preprocess.items()})
     _save_tensors(run_dir / f"{tag}.state.safetensors", extra, token)
-    text = json.dumps(meta, indent=1, default=_json_default)
+    text = dumps_json(meta, indent=1, default=_json_default)  # valid JSON even if a metric is NaN
     atomic_write(run_dir / f"{tag}.json", lambda tmp: Path(tmp).write_text(text))
     return weights
 
@@ -108,7 +116,11 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
 
 
 def load_checkpoint(run_dir: str | os.PathLike, tag: str = "last") -> Checkpoint:
-    """Read checkpoint ``tag``; a missing, corrupt, truncated or torn set raises a CnnlabError naming the file."""
+    """Read checkpoint ``tag``; a missing, corrupt, truncated or torn set raises a CnnlabError naming the file.
+
+    The preprocessing tensors are also put into ``meta["preprocess"]["tensors"]``, so the state a run
+    folder records is complete: ``preprocess_from_state(meta["preprocess"])`` rebuilds PCA/ZCA whitening.
+    """
     run_dir = Path(run_dir)
     meta_path = run_dir / f"{tag}.json"
     if not meta_path.is_file():
@@ -127,4 +139,7 @@ def load_checkpoint(run_dir: str | os.PathLike, tag: str = "last") -> Checkpoint
     optim_tensors = {k: v for k, v in extra.items() if k.startswith("optim.")}
     ema = {k[4:]: v for k, v in extra.items() if k.startswith("ema.")} or None
     optimizer = _join_optimizer(optim_tensors, meta.pop("optimizer")) if "optimizer" in meta else None
-    return Checkpoint(weights=weights, optimizer=optimizer, ema=ema, meta=meta)
+    preprocess = {k[len("preprocess."):]: v for k, v in extra.items() if k.startswith("preprocess.")}
+    if preprocess and isinstance(meta.get("preprocess"), dict):
+        meta["preprocess"] = dict(meta["preprocess"], tensors=preprocess)
+    return Checkpoint(weights=weights, optimizer=optimizer, ema=ema, meta=meta, preprocess=preprocess)

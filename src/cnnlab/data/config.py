@@ -1,0 +1,53 @@
+"""The data section of a run's configuration (``data.*`` keys): dataset, split, preprocessing, augmentation.
+
+It lives in the data layer, which builds loaders from it (:func:`cnnlab.data.bundle.build_data`);
+``cnnlab.engine.config`` re-exports it as part of :class:`~cnnlab.engine.config.TrainConfig`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class DataConfig:
+    """Dataset, split, preprocessing and augmentation.
+
+    Args:
+        name: a dataset name (``fashion_mnist``, ``mnist``, ``cifar10``, ``cifar100``, ``digits``,
+            ``mnist_5k``) or a folder with one sub-folder of images per class.
+        root: where the files are cached, in torchvision's layout (default ``~/.cache/cnnlab/data/<name>``).
+        val_fraction: share of the training split held out for validation (fixed by the seed).
+        image_size: resize the images to this square size (named datasets: once, when loaded); None keeps theirs.
+        normalize: ``standard`` (per-channel mean/std of the training split), ``pca``, ``zca`` or ``none``.
+        flip, vflip, crop_padding, resized_crop_scale, rotate, translate, scale, shear, jitter, hue,
+            cutout, mixup, cutmix: batched augmentation (0 / False = off); ``jitter`` is the brightness,
+            contrast and saturation range, ``hue`` the hue shift (fraction of the colour circle, <= 0.5);
+            mixup and cutmix are Beta alphas.
+        train_limit: train on N images only (quick experiments; 0 = all): a random subset stratified by
+            class, fixed whatever the run's seed.
+        num_workers: DataLoader workers for image folders.
+    """
+
+    name: str = "fashion_mnist"
+    root: str | None = None
+    download: bool = True
+    val_fraction: float = 0.0
+    batch_size: int = 128
+    eval_batch_size: int = 1000
+    image_size: int | None = None
+    normalize: str = "standard"
+    flip: bool = False
+    vflip: bool = False
+    crop_padding: int = 0
+    resized_crop_scale: float = 0.0
+    rotate: float = 0.0
+    translate: float = 0.0
+    scale: tuple[float, float] = (1.0, 1.0)
+    shear: float = 0.0
+    jitter: float = 0.0
+    hue: float = 0.0
+    cutout: int = 0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    train_limit: int = 0
+    num_workers: int = 2
