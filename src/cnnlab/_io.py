@@ -5,6 +5,8 @@ with ``os.replace`` (atomic on POSIX and Windows). A crash or a full disk leaves
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -52,3 +54,28 @@ def atomic_savefig(fig: Any, path: str | os.PathLike, **kwargs: Any) -> Path:
     """``fig.savefig`` through a temporary file; the format comes from ``path``'s suffix."""
     fmt = Path(path).suffix.lstrip(".") or "png"
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, **kwargs))
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN/infinity (inside dicts, lists, tuples) replaced by None."""
+    if isinstance(value, float):  # numpy.float64 too (a float subclass)
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def dumps_json(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps`` whose output is always valid JSON: NaN and infinities (a diverged loss) are written as null.
+
+    Python's json writes them as the bare words ``NaN``/``Infinity``, which JSON forbids (browsers, jq and
+    pandas refuse the file). ``default=`` results are cleaned the same way. The standard library has no switch
+    for this (simplejson's ``ignore_nan`` does it, not worth a dependency for ten lines).
+    """
+    default = kwargs.pop("default", None)
+    if default is not None:
+        kwargs["default"] = lambda o: _finite(default(o))
+    kwargs.setdefault("allow_nan", False)  # a value this function misses fails loudly instead of writing NaN
+    return json.dumps(_finite(obj), **kwargs)

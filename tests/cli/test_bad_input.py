@@ -3,6 +3,7 @@ written or changed. (The CLI prints a CnnlabError as one line and exits 2; anyth
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,9 +58,36 @@ def test_output_under_a_file_and_missing_parent(tmp_path, capsys):
     err = _error(capsys, ["summary", "simple_cnn", "--output", str(tmp_path / "file.txt" / "s.txt")])
     assert "is a file, not a folder" in err
     assert (tmp_path / "file.txt").read_text() == "mine"
-    # a missing parent folder is created, as run folders are
+    # a missing parent folder is created, as run folders are, but only once there is something to write
     assert main(["summary", "simple_cnn", "--output", str(tmp_path / "new" / "s.txt")]) == 0
     assert "simple_cnn" in (tmp_path / "new" / "s.txt").read_text()
+
+
+@pytest.mark.parametrize("argv", [
+    ["summary", "simple_cnnn", "--output", "{new}/s.txt"],  # the model name is checked after the path
+    ["summary", "simple_cnn", "--input", "3x64", "--output", "{new}/s.txt"],
+    ["compare", "simple_cnn", "no_such_model", "--plot", "{new}/c.png", "--csv", "{new}/c.csv"],
+    ["gradflow", "no_such_model", "--plot", "{new}/g.png"],
+    ["filters", "--learned", "no_such_model", "--out", "{new}/f.png"],
+])
+def test_a_failed_command_creates_no_folders(tmp_path, capsys, argv):
+    new = tmp_path / "new" / "deeper"
+    _error(capsys, [a.format(new=new) for a in argv])
+    assert list(tmp_path.iterdir()) == []  # the output checks used to create new/deeper before the work failed
+
+
+def test_output_under_a_folder_that_cannot_be_written(tmp_path, capsys, monkeypatch):
+    import os
+
+    from cnnlab.cli import _paths
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access  # chmod does not bind root (CI containers): fake the answer the OS would give
+    monkeypatch.setattr(_paths.os, "access", lambda p, mode: Path(p) != locked and real_access(p, mode))
+    err = _error(capsys, ["summary", "simple_cnn", "--output", str(locked / "new" / "s.txt")])
+    assert "--output" in err and f"the folder {locked} (the nearest existing folder" in err and "not writable" in err
+    assert list(locked.iterdir()) == []
 
 
 def test_eval_plot_and_top_checked_before_evaluating(run_dir, tmp_path, capsys):
@@ -85,9 +113,13 @@ def test_eval_of_things_that_are_not_run_folders(run_dir, tmp_path, capsys):
     (started / "config.json").write_text((run_dir / "config.json").read_text())
     err = _error(capsys, ["explain", str(started), "sample:china", "--out", str(tmp_path / "e.png")])
     assert "no checkpoint yet" in err and "--resume" in err
-    if not (run_dir / "best.json").exists():  # no validation split: only 'last'
-        err = _error(capsys, ["eval", str(run_dir), "--checkpoint", "best"])
-        assert "no 'best' checkpoint" in err and "last" in err
+    only_last = tmp_path / "only_last"  # a run that never wrote 'best' (whether a run without a validation
+    only_last.mkdir()                  # split writes one is the trainer's choice; this folder does not depend on it)
+    for f in run_dir.iterdir():
+        if not f.name.startswith("best."):
+            (only_last / f.name).write_bytes(f.read_bytes())
+    err = _error(capsys, ["eval", str(only_last), "--checkpoint", "best"])
+    assert "no 'best' checkpoint" in err and "last" in err
 
 
 def test_train_refuses_a_folder_holding_other_files(tmp_path, capsys):
@@ -204,3 +236,101 @@ def test_report_of_a_run_with_a_damaged_metrics_csv(run_dir, tmp_path, capsys):
     err = _error(capsys, ["report", str(damaged), "--out", str(tmp_path / "r.html")])
     assert "metrics.csv is damaged" in err and "header" in err
     assert not (tmp_path / "r.html").exists()
+
+
+# --- numbers, names and data paths (issue 13, items 8, 11, 12) ------------------------------------------------------
+
+TRAIN = ["train", "--model", "fmnist_net", "--data", "tiny", "--epochs", "1", "--quiet", "--set", "threads=1"]
+
+
+def _argument_error(capsys, argv: list[str]) -> str:
+    """Run the CLI, expect argparse's exit 2 (a bad argument type), return the message."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"cnnlab {argv[0]}: error: argument " in err and "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--set", "optim.lr=nan"], "optim.lr: 'nan' is not a finite number"),  # trained to NaN weights, exit 0
+    (["--set", "epochs=inf"], "epochs: 'inf' is not a finite number"),  # an OverflowError traceback
+    (["--set", "epochs=1e400"], "epochs: '1e400' is not a finite number"),
+    (["--time-budget", "nan"], "--time-budget 'nan' is not a duration; expected seconds (300, 90s)"),
+    (["--time-budget=-4m"], "--time-budget '-4m' is not a duration"),
+    (["--time-budget", "0"], "--time-budget '0' must be a positive, finite duration"),
+])
+def test_train_refuses_non_finite_numbers_before_any_work(tmp_path, capsys, monkeypatch, extra, words):
+    register_tiny(monkeypatch)
+    err = _error(capsys, [*TRAIN, "--out-dir", str(tmp_path), "--name", "r", *extra])
+    assert words in err
+    assert list(tmp_path.iterdir()) == []  # no run folder, no results.json holding NaN
+
+
+def test_time_budget_reaches_the_config():
+    from cnnlab.cli.main import build_parser
+    from cnnlab.cli.train import config_from_args
+
+    args = build_parser().parse_args(["train", "--model", "fmnist_net", "--time-budget", "1h30m"])
+    assert config_from_args(args).time_budget == 5400.0
+    args = build_parser().parse_args(["train", "--model", "fmnist_net"])
+    assert config_from_args(args).time_budget == 0.0  # off unless asked
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e400"])
+def test_float_arguments_refuse_non_finite_numbers(tmp_path, capsys, value):
+    err = _argument_error(capsys, [*TRAIN, "--out-dir", str(tmp_path), f"--lr={value}"])
+    assert f"argument --lr: {value!r} is not a finite number" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag_value", [["--lr", "inf"], ["--member-weights", "1", "nan"]])
+def test_other_commands_refuse_non_finite_numbers(capsys, flag_value):
+    err = _argument_error(capsys, ["ensemble", "a", "b", *flag_value])
+    assert f"argument {flag_value[0]}:" in err and "is not a finite number" in err
+
+
+@pytest.mark.parametrize("name", ["../../x", "../x", "sub/x", "..", "/tmp/cnnlab-x"])
+def test_a_run_name_cannot_escape_out_dir(tmp_path, capsys, monkeypatch, name):
+    register_tiny(monkeypatch)
+    out = tmp_path / "a" / "b" / "runs"
+    out.mkdir(parents=True)
+    err = _error(capsys, [*TRAIN, "--out-dir", str(out), "--name", name])
+    assert f"--name {name!r} must be one folder name" in err and "out_dir" in err
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["a", "a/b", "a/b/runs"]
+    err = _error(capsys, ["search", "--model", "fmnist_net", "--data", "tiny", "--param", "optim.lr=uniform(0.01,0.1)",
+                          "--out-dir", str(out), "--name", name])
+    assert f"--name {name!r} must be one folder name" in err
+    err = _error(capsys, [*TRAIN, "--out-dir", str(out), "--set", f"name={name}"])
+    assert f"name {name!r} must be one folder name" in err
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["a", "a/b", "a/b/runs"]
+
+
+def test_data_that_is_a_file_or_no_folder(tmp_path, capsys, run_dir):
+    (tmp_path / "notes.txt").write_text("x")
+    for command in (TRAIN[:3], ["eval", str(run_dir)]):
+        err = _error(capsys, [*command, "--data", str(tmp_path / "notes.txt")])
+        assert f"--data {tmp_path / 'notes.txt'} is a file" in err and "does not exist" not in err
+        assert "expected a dataset name (fashion_mnist" in err and "folder with one sub-folder of images per class" in err
+        err = _error(capsys, [*command, "--data", str(tmp_path / "missing")])
+        assert "no such folder" in err and "expected a dataset name" in err
+    from cnnlab.data.folder import folder_splits
+
+    with pytest.raises(CnnlabError, match="notes.txt is a file; expected a folder with one sub-folder"):
+        folder_splits(tmp_path / "notes.txt")  # the same through the API (--set data.name=FILE)
+
+
+@pytest.mark.parametrize("text, count", [("3x64", "2 numbers"), ("64", "1 number"), ("1x3x64x64", "4 numbers")])
+def test_summary_input_must_be_chw(capsys, text, count):
+    err = _error(capsys, ["summary", "simple_cnn", "--input", text])
+    assert "--input must look like CxHxW" in err and count in err and "(B," not in err
+
+
+def test_eval_top_k_that_covers_every_class_says_why(run_dir, capsys, monkeypatch):
+    register_tiny(monkeypatch)
+    assert main(["eval", str(run_dir), "--top", "3"]) == 0  # tiny has 3 classes
+    out = capsys.readouterr().out
+    assert "no top-3 accuracy: the run has 3 classes" in out and "1.0 by definition" in out and "--top 2" in out
+    assert main(["eval", str(run_dir), "--top", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "top-2 " in out and "no top-" not in out

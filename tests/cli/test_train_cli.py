@@ -1,6 +1,9 @@
 """`cnnlab train`, `eval`, `predict` and `demo` end to end on tiny data."""
 from __future__ import annotations
 
+import json
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -22,21 +25,34 @@ def _train(tmp_path, *extra):
 def test_train_eval_predict(tmp_path, capsys):
     assert _train(tmp_path, "--set", "optim.lr=0.05", "--set", "data.val_fraction=0.2") == 0
     out = capsys.readouterr().out
-    assert "test accuracy" in out and f"run folder: {tmp_path / 'r'}" in out
+    assert f"run folder: {tmp_path / 'r'}" in out
+    saved = json.loads((tmp_path / "r" / "results.json").read_text())
+    printed = re.search(r"test accuracy (\d\.\d{4}).* on (\d+) images", out)
+    assert printed and float(printed[1]) == round(saved["test_accuracy"], 4) and int(printed[2]) == 30
+    assert saved["test_accuracy"] >= 0.6  # chance is 1/3; 18 of 30 by luck has p < 1e-3 (measured 0.67)
     assert main(["eval", str(tmp_path / "r"), "--top", "2"]) == 0
     out = capsys.readouterr().out
-    assert "best checkpoint" in out and "top-2" in out and "precision" in out and "confusion matrix" in out
+    assert "best checkpoint" in out and "precision" in out and "confusion matrix" in out
+    evaluated = re.search(r"accuracy (\d\.\d{4})   top-2 (\d\.\d{4})", out)
+    assert evaluated and float(evaluated[1]) == float(printed[1])  # eval of the finished run = what train reported
+    assert float(evaluated[1]) <= float(evaluated[2]) <= 1
     image = make_tiny().test_images[1, 0].numpy()  # a 'centre' example, saved as an RGB file of another size
     Image.fromarray(np.stack([image] * 3, -1)).resize((24, 24), Image.NEAREST).save(tmp_path / "x.png")
     assert main(["predict", str(tmp_path / "r"), str(tmp_path / "x.png"), "--top", "2"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith(str(tmp_path / "x.png")) and "%" in out
+    shown = re.fullmatch(rf"{re.escape(str(tmp_path / 'x.png'))}: (\w+) \((\d+\.\d)%\), (\w+) \((\d+\.\d)%\)\n", out)
+    assert shown, out
+    assert shown[1] == "centre" and shown[3] != "centre"  # the right class first (the test split's centre: recall 1)
+    assert 100 >= float(shown[2]) >= float(shown[4]) >= 0 and float(shown[2]) + float(shown[4]) <= 100.05
 
 
 def test_resume_from_the_cli(tmp_path, capsys):
-    assert _train(tmp_path) == 0
+    assert _train(tmp_path, "--set", "optim.schedule=step") == 0
     assert main(["train", "--resume", str(tmp_path / "r"), "--epochs", "3", "--quiet"]) == 0
     assert "test accuracy" in capsys.readouterr().out
+    assert _train(tmp_path, "--name", "oc") == 0  # one-cycle is laid over the run's length: more epochs refused
+    assert main(["train", "--resume", str(tmp_path / "oc"), "--epochs", "3", "--quiet"]) == 2
+    assert "epochs: 2 -> 3 (the onecycle schedule is laid over" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", [

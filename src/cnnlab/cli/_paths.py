@@ -15,10 +15,12 @@ def figure_suffixes() -> tuple[str, ...]:
 
 
 def output_path(path: str | None, flag: str, figure: bool = False, suffix: str = ".txt") -> Path | None:
-    """Return ``path`` as a Path ready to be written, or raise a CnnlabError naming ``flag``.
+    """Return ``path`` as a Path that can be written once the work is done, or raise a CnnlabError naming ``flag``.
 
-    Refuses a path that is a folder, a parent that is a file, and (``figure=True``) a suffix matplotlib cannot
-    write; creates missing parent folders (as run folders are created). '' or None means "no file".
+    Refuses a path that is a folder, a parent that is a file, a missing parent that cannot be created (the nearest
+    existing folder is not writable) and (``figure=True``) a suffix matplotlib cannot write. Creates nothing: a
+    command that fails half-way leaves no empty folders; :func:`make_parent` creates them just before the write.
+    '' or None means "no file".
     """
     if not path:
         return None
@@ -35,10 +37,34 @@ def output_path(path: str | None, flag: str, figure: bool = False, suffix: str =
     for parent in out.parents:
         if parent.exists() and not parent.is_dir():
             raise CnnlabError(f"{flag} {path}: {parent} is a file, not a folder")
+    existing = next(p for p in (out.parent, *out.parent.parents) if p.is_dir())  # '.' or '/' at the latest
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is" if existing == out.parent else f"(the nearest existing folder above {out.parent}) is"
+        raise CnnlabError(f"{flag} {path}: the folder {existing} {what} not writable")
+    return out
+
+
+def make_parent(path: str | os.PathLike | None, flag: str) -> Path | None:
+    """Create the missing folders above ``path`` (checked earlier by :func:`output_path`) right before writing it."""
+    if not path:
+        return None
+    out = Path(path)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CnnlabError(f"{flag} {path}: cannot create the folder {out.parent} ({e.strerror})") from None
-    if not os.access(out.parent, os.W_OK):
-        raise CnnlabError(f"{flag} {path}: the folder {out.parent} is not writable")
     return out
+
+
+def data_argument(name: str | None, flag: str) -> None:
+    """A ``--data`` value that is an existing file, or a path to nothing, fails here with what is expected."""
+    if not name:
+        return
+    from cnnlab.data.datasets import DATASETS
+
+    expected = f"expected a dataset name ({', '.join(DATASETS)}) or a folder with one sub-folder of images per class"
+    path = Path(name)
+    if path.is_file():
+        raise CnnlabError(f"{flag} {name} is a file; {expected}")
+    if not path.exists() and ("/" in name or os.sep in name):  # a path, not a dataset name (those are checked later)
+        raise CnnlabError(f"{flag} {name}: no such folder; {expected}")

@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def cmd_compare(args: argparse.Namespace) -> int:
     from cnnlab._errors import CnnlabError
     from cnnlab.analysis import compare
-    from cnnlab.cli._paths import output_path
+    from cnnlab.cli._paths import make_parent, output_path
     from cnnlab.cli.summary import parse_input
     from cnnlab.models.registry import model_info
 
@@ -33,8 +33,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     result = compare(args.names, parse_input(args.input), bench=args.bench, repeats=args.repeats)
     print(result.table())
     if args.plot:
-        print(f"wrote {result.plot(args.plot)}")
+        print(f"wrote {result.plot(make_parent(args.plot, '--plot'))}")
     if args.csv:
-        result.to_csv(args.csv)
+        result.to_csv(make_parent(args.csv, "--csv"))
         print(f"wrote {args.csv}")
     return 0

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from cnnlab._io import atomic_write_text
+from cnnlab._io import atomic_write_text, dumps_json
+from cnnlab.cli._args import finite_float
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="continue the interrupted bagging in folder BAG (or the --out-dir/--name folder): finished "
                         "members are reused, an interrupted one continues from its checkpoint; N and the config come "
                         "from BAG/bagging.json")
-    p.add_argument("--member-weights", dest="member_weights", type=float, nargs="+", metavar="W",
+    p.add_argument("--member-weights", dest="member_weights", type=finite_float, nargs="+", metavar="W",
                    help="one weight per member for a weighted average (default: equal)")
     p.add_argument("--json", dest="json_out", metavar="FILE", help="also write the metrics to this JSON file")
     # the same configuration options as `cnnlab train` (used with --bootstrap)
@@ -29,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="dataset name or image folder (with --bootstrap)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
+    p.add_argument("--lr", type=finite_float)
     p.add_argument("--weights", help="initial weights of every member: a file, 'torchvision' or 'timm'")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field as in cnnlab train (repeatable)")
@@ -42,12 +43,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
     from cnnlab._errors import CnnlabError
     from cnnlab.cli._format import table
-    from cnnlab.cli._paths import output_path
+    from cnnlab.cli._paths import make_parent, output_path
     from cnnlab.engine.ensemble import evaluate_ensemble, train_bagged
 
     output_path(args.json_out, "--json", suffix=".json")  # before hours of bagging, not after
@@ -78,7 +78,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     gain = result.accuracy - result.mean_member_accuracy
     print(f"ensemble vs mean member: {gain:+.4f} accuracy on {result.count} test images")
     if args.json_out:
-        atomic_write_text(args.json_out, json.dumps(result.to_dict(), indent=2))
+        atomic_write_text(make_parent(args.json_out, "--json"), dumps_json(result.to_dict(), indent=2))
     return 0
 
 

@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from cnnlab._errors import CnnlabError
-    from cnnlab.cli._paths import output_path
+    from cnnlab.cli._paths import make_parent, output_path
     from cnnlab.cli._viz import load_target, parse_size
     from cnnlab.data.samples import image_label, load_image_or_sample
     from cnnlab.viz.cam import explain, plot_explanation, resolve_target
@@ -50,5 +50,5 @@ def cmd_explain(args: argparse.Namespace) -> int:
     print(f"{result.method} for class {names[result.target]} (index {result.target}){where}; "
           f"peak at row {row}, column {col} of {height}x{width}")
     title = f"{target.label}: {image_label(args.image)}"
-    print(f"wrote {plot_explanation(args.out, image, result, names, title)}")
+    print(f"wrote {plot_explanation(make_parent(args.out, '--out'), image, result, names, title)}")
     return 0

@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_featuremaps(args: argparse.Namespace) -> int:
     from cnnlab._errors import CnnlabError
-    from cnnlab.cli._paths import output_path
+    from cnnlab.cli._paths import make_parent, output_path
     from cnnlab.cli._viz import load_target, parse_size
     from cnnlab.data.samples import image_label, load_image_or_sample
     from cnnlab.viz.feature_maps import plot_feature_maps, stage_feature_maps
@@ -42,5 +42,5 @@ def cmd_featuremaps(args: argparse.Namespace) -> int:
         print(f"  stage {s.index} {s.module:<16} {c}x{h}x{w} (/{s.stride})  {active:.0%} positive;  top channels "
               + ", ".join(f"{ch} ({m:.2g})" for ch, m in zip(channels_, means)))
     title = f"{target.label}: {image_label(args.image)}, top {args.top} channels by mean activation"
-    print(f"wrote {plot_feature_maps(args.out, image, maps, args.top, title)}")
+    print(f"wrote {plot_feature_maps(make_parent(args.out, '--out'), image, maps, args.top, title)}")
     return 0

@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_filters(args: argparse.Namespace) -> int:
     from cnnlab._errors import CnnlabError
-    from cnnlab.cli._paths import output_path
+    from cnnlab.cli._paths import make_parent, output_path
     from cnnlab.data.samples import SAMPLE_NAMES, SAMPLE_PREFIX, image_label, load_image_or_sample
     from cnnlab.viz.filters import LINE_FILTER_NAMES, apply_filters, first_conv, line_filters, plot_filter_responses
 
@@ -34,7 +34,7 @@ def cmd_filters(args: argparse.Namespace) -> int:
         name, conv = first_conv(target.model)
         print(f"{target.label}: first conv layer {name}, {conv.out_channels} filters of "
               f"{conv.in_channels}x{conv.kernel_size[0]}x{conv.kernel_size[1]}")
-        print(f"wrote {plot_first_layer_filters(args.out, target.model, target.label)}")
+        print(f"wrote {plot_first_layer_filters(make_parent(args.out, '--out'), target.model, target.label)}")
         return 0
     if args.size < 1:
         raise CnnlabError(f"--size must be >= 1, got {args.size}")
@@ -45,5 +45,5 @@ def cmd_filters(args: argparse.Namespace) -> int:
     for spec, image, m in zip(specs, images, maps):
         stats = "   ".join(f"{n}: mean {v.mean():.3f}, max {v.max():.3f}" for n, v in zip(LINE_FILTER_NAMES, m))
         print(f"{spec} ({image.shape[1]}x{image.shape[2]}): {stats}")
-    print(f"wrote {plot_filter_responses(args.out, images, maps, [image_label(s) for s in specs], filters=filters)}")
+    print(f"wrote {plot_filter_responses(make_parent(args.out, '--out'), images, maps, [image_label(s) for s in specs], filters=filters)}")
     return 0

@@ -22,7 +22,7 @@ def cmd_gradflow(args: argparse.Namespace) -> int:
 
     from cnnlab._errors import CnnlabError
     from cnnlab.analysis import gradient_flow
-    from cnnlab.cli._paths import output_path
+    from cnnlab.cli._paths import make_parent, output_path
     from cnnlab.cli.summary import parse_input
     from cnnlab.models.registry import create_model, model_info
 
@@ -40,5 +40,5 @@ def cmd_gradflow(args: argparse.Namespace) -> int:
           "random labels, cross-entropy")
     print(flow.table())
     if plot:
-        print(f"wrote {flow.plot(plot, title=f'{args.name}: gradient flow at initialisation')}")
+        print(f"wrote {flow.plot(make_parent(plot, '--plot'), title=f'{args.name}: gradient flow at initialisation')}")
     return 0

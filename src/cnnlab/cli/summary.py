@@ -7,18 +7,22 @@ FORMATS = ("table", "csv", "json", "md")
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
-def parse_input(text: str | None) -> tuple[int, ...] | None:
-    """'3x224x224' -> (3, 224, 224); '224' -> None plus a size handled by the caller."""
+def parse_input(text: str | None, flag: str = "--input") -> tuple[int, int, int] | None:
+    """'3x224x224' -> (3, 224, 224), one sample's CxHxW (the batch size is a separate option); None -> None."""
     from cnnlab._errors import CnnlabError
 
     if text is None:
         return None
+    expected = "CxHxW, three positive integers (channels x height x width), e.g. 3x224x224 or 1x28x28"
     try:
         size = tuple(int(v) for v in text.lower().replace(",", "x").split("x"))
     except ValueError:
-        raise CnnlabError(f"--input must look like 3x224x224 (channels x height x width), got {text!r}") from None
-    if len(size) < 2 or min(size) < 1:
-        raise CnnlabError(f"--input must look like 3x224x224 (channels x height x width), got {text!r}")
+        raise CnnlabError(f"{flag} must look like {expected}; got {text!r}") from None
+    if len(size) != 3:  # '3x64' would reach the model as (1, 3, 64) and fail with a message about (B, C, H, W)
+        raise CnnlabError(f"{flag} must look like {expected}; got {text!r} ({len(size)} number"
+                          f"{'s' if len(size) != 1 else ''})")
+    if min(size) < 1:
+        raise CnnlabError(f"{flag} must look like {expected}; got {text!r} (every size must be >= 1)")
     return size
 
 
@@ -41,14 +45,14 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
     from cnnlab._io import atomic_write_text
     from cnnlab.analysis import summary
-    from cnnlab.cli._paths import output_path
+    from cnnlab.cli._paths import make_parent, output_path
 
     output_path(args.output, "--output")
     s = summary(args.name, parse_input(args.input), depth=args.depth, batch_size=args.batch_size,
                 dtype=getattr(torch, args.dtype), optimizer=args.optimizer)
     text = {"table": s.table, "csv": s.to_csv, "json": s.to_json, "md": s.to_markdown}[args.format]()
     if args.output:
-        atomic_write_text(args.output, text + ("" if text.endswith("\n") else "\n"))
+        atomic_write_text(make_parent(args.output, "--output"), text + ("" if text.endswith("\n") else "\n"))
         print(f"wrote {args.output}")
     else:
         print(text.rstrip("\n"))

@@ -8,12 +8,16 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from cnnlab._errors import CnnlabError, did_you_mean
+from cnnlab._io import dumps_json
+from cnnlab.data.config import DataConfig  # the data layer's section; re-exported here
 
 
 @dataclass
@@ -40,50 +44,6 @@ class ModelConfig:
     channels_last: bool = True
     compile: bool = False
     compile_mode: str = "default"
-
-
-@dataclass
-class DataConfig:
-    """Dataset, split, preprocessing and augmentation.
-
-    Args:
-        name: a dataset name (``fashion_mnist``, ``mnist``, ``cifar10``, ``cifar100``, ``digits``,
-            ``mnist_5k``) or a folder with one sub-folder of images per class.
-        root: where the files are cached (default ``~/.cache/cnnlab/data/<name>``).
-        val_fraction: share of the training split held out for validation (fixed by the seed).
-        image_size: resize the images to this square size (named datasets: once, when loaded); None keeps theirs.
-        normalize: ``standard`` (per-channel mean/std of the training split), ``pca``, ``zca`` or ``none``.
-        flip, vflip, crop_padding, resized_crop_scale, rotate, translate, scale, shear, jitter, hue,
-            cutout, mixup, cutmix: batched augmentation (0 / False = off); ``jitter`` is the brightness,
-            contrast and saturation range, ``hue`` the hue shift (fraction of the colour circle, <= 0.5);
-            mixup and cutmix are Beta alphas.
-        train_limit: use only the first N training images (quick experiments; 0 = all).
-        num_workers: DataLoader workers for image folders.
-    """
-
-    name: str = "fashion_mnist"
-    root: str | None = None
-    download: bool = True
-    val_fraction: float = 0.0
-    batch_size: int = 128
-    eval_batch_size: int = 1000
-    image_size: int | None = None
-    normalize: str = "standard"
-    flip: bool = False
-    vflip: bool = False
-    crop_padding: int = 0
-    resized_crop_scale: float = 0.0
-    rotate: float = 0.0
-    translate: float = 0.0
-    scale: tuple[float, float] = (1.0, 1.0)
-    shear: float = 0.0
-    jitter: float = 0.0
-    hue: float = 0.0
-    cutout: int = 0
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    train_limit: int = 0
-    num_workers: int = 2
 
 
 @dataclass
@@ -132,9 +92,16 @@ class TrainConfig:
         amp: mixed precision: ``auto`` (bf16 on CUDA, off on CPU), ``bf16`` or ``none``.
         threads: CPU threads for torch (0 = torch's default).
         patience: early stopping after this many epochs without improvement of ``monitor`` (0 = off).
-        monitor: ``val_loss`` or ``val_acc`` (needs ``data.val_fraction`` > 0).
+        monitor: ``val_loss`` or ``val_<metric>`` of the task (``val_acc``, ``val_psnr``; needs
+            ``data.val_fraction`` > 0); checked against the model's task when the run starts.
         tta_flip: also evaluate on left-right flipped images and average the logits.
         out_dir, name: the run folder is ``out_dir/name`` (name defaults to model-data-date).
+        task: ``auto`` (the model's registry task: ``cnnlab models --task``), or a task name
+            (``classification``, ``reconstruction``) that must match the model's.
+        loss: ``auto`` (the task's default), or one the task offers (reconstruction: ``mse``, ``bce``).
+        time_budget: seconds the whole run may take (0 = off). The first steps are timed, then the
+            number of steps is fixed so that training, evaluation and reports end within it; the
+            schedule is laid over those steps. ``epochs`` stays the upper limit.
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -152,12 +119,15 @@ class TrainConfig:
     name: str = ""
     plots: bool = True
     quiet: bool = False
+    task: str = "auto"
+    loss: str = "auto"
+    time_budget: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+        return dumps_json(self.to_dict(), indent=2)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
@@ -165,7 +135,10 @@ class TrainConfig:
             raise CnnlabError(f"a config must be a dict of config keys (as in a run's config.json), "
                               f"got {type(data).__name__}")
         config = cls()
-        apply_overrides(config, [f"{k}={json.dumps(v)}" for k, v in _flatten(data).items()])
+        # a string goes in quoted but unescaped: _parse strips the outer quotes only, so json.dumps' escapes
+        # ('r"1' -> 'r\\"1') would not round-trip
+        apply_overrides(config, [f'{k}="{v}"' if isinstance(v, str) else f"{k}={json.dumps(v)}"
+                                 for k, v in _flatten(data).items()])
         return config
 
     def describe(self) -> str:
@@ -212,13 +185,16 @@ def _parse(text: str, kind: Any, key: str) -> Any:
             if low in ("0", "false", "no", "off"):
                 return False
             raise ValueError
-        if kind is int:
-            value = float(text)  # accept '3' and '3.0', reject '3.5'
+        if kind in (int, float):
+            value = float(text)  # ints: accept '3' and '3.0', reject '3.5'
+            if not math.isfinite(value):  # 'nan', 'inf', '1e400': no setting can use them (NaN passes `<= 0`)
+                example = "a whole number such as 3" if kind is int else "a number such as 0.1"
+                raise CnnlabError(f"{key}: {text!r} is not a finite number; expected {example}")
+            if kind is float:
+                return value
             if value != int(value):
                 raise ValueError
             return int(value)
-        if kind is float:
-            return float(text)
         if kind is str:
             return text[1:-1] if len(text) >= 2 and text[0] == text[-1] == '"' else text
         if origin in (list, tuple, dict):
@@ -237,6 +213,8 @@ def _parse(text: str, kind: Any, key: str) -> Any:
                     raise ValueError
                 return tuple(_parse(str(v), args[0], key) for v in value)
             return [_parse(str(v), args[0], key) if args else v for v in value]
+    except CnnlabError:  # a CnnlabError is a ValueError: let the finite-number message through
+        raise
     except (ValueError, SyntaxError, TypeError):
         pass
     raise CnnlabError(f"{key}: cannot read {text!r} as {getattr(kind, '__name__', kind)}")
@@ -281,18 +259,65 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
     return config
 
 
+def _non_finite(value: Any) -> float | None:
+    """The first NaN or infinity inside ``value`` (numbers, lists, tuples, dict values), else None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return value
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    return next((bad for bad in map(_non_finite, items) if bad is not None), None)
+
+
+def check_run_name(name: str, flag: str) -> None:
+    """A run name is one folder name inside ``out_dir``: no separators, no '..', so a run cannot write elsewhere."""
+    if not isinstance(name, str):
+        raise CnnlabError(f"{flag} must be a folder name, got {type(name).__name__}")
+    if not name:
+        return  # "" = the default name (model-data-date)
+    # both separators on every OS: a config that is safe here must stay safe on Windows
+    if "/" in name or "\\" in name or name in (".", "..") or "\0" in name or name != name.strip():
+        raise CnnlabError(f"{flag} {name!r} must be one folder name (the run folder is out_dir/name), without "
+                          "'/', '\\', surrounding spaces, or '.'/'..'; put the parent folders in out_dir instead")
+
+
+_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"  # 90, 1.5, .5 (no sign, no exponent: '1e400' and '-3' are not durations)
+# a bare number is seconds; otherwise every part names its unit ('1h30' is ambiguous, so refused)
+_DURATION = re.compile(rf"(?P<bare>{_NUMBER})|(?:(?P<h>{_NUMBER})h)?(?:(?P<m>{_NUMBER})m(?:in)?)?(?:(?P<s>{_NUMBER})s)?")
+DURATION_FORMS = "seconds (300, 90s) or with units (4m, 1.5h, 1h30m)"
+
+
+def parse_duration(text: str, flag: str = "--time-budget") -> float:
+    """``"4m"`` -> 240.0 seconds; accepts ``90``, ``90s``, ``4m``, ``1h30m``, ``1.5h``; refuses zero, negatives and NaN."""
+    match = _DURATION.fullmatch(text.strip().lower()) if isinstance(text, str) else None
+    if match is None or not any(match.groupdict().values()):
+        raise CnnlabError(f"{flag} {text!r} is not a duration; expected {DURATION_FORMS}")
+    parts = match.groupdict()
+    seconds = sum(float(parts[unit] or 0) * scale for unit, scale in (("h", 3600), ("m", 60), ("s", 1), ("bare", 1)))
+    if not math.isfinite(seconds) or seconds <= 0:  # a run of 400 digits still reads as inf
+        raise CnnlabError(f"{flag} {text!r} must be a positive, finite duration; expected {DURATION_FORMS}")
+    return seconds
+
+
 CHOICES = {
     "optim.optimizer": ("sgd", "adam", "adamw"),
     "optim.schedule": ("constant", "step", "cosine", "onecycle"),
     "data.normalize": ("standard", "pca", "zca", "none"),
     "amp": ("auto", "bf16", "none"),
     "model.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-    "monitor": ("val_loss", "val_acc"),
 }
 
 
 def validate(config: TrainConfig) -> None:
     """Reject values no run can use, naming the field and what it accepts."""
+    for key, value in _flatten(config.to_dict()).items():  # a config built in Python skips _parse's check
+        if _non_finite(value) is not None:
+            raise CnnlabError(f"{key} must hold finite numbers (no NaN or infinity), got {value!r}")
+    check_run_name(config.name, "name")
+    for key in ("task", "loss"):  # which names are valid depends on the model's task: checked when it is built
+        value = getattr(config, key)
+        if not isinstance(value, str) or not value.strip():
+            raise CnnlabError(f"{key} must be a non-empty name ('auto' picks the model's default), got {value!r}")
+    if config.time_budget < 0:
+        raise CnnlabError(f"time_budget must be >= 0 seconds (0 = off), got {config.time_budget}")
     for key, choices in CHOICES.items():
         target: Any = config
         for part in key.split("."):
