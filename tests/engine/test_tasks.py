@@ -214,11 +214,21 @@ def test_weights_that_a_last_step_made_nan_stop_the_run(tmp_path, monkeypatch):
     assert not (tmp_path / "run").exists()  # nothing was saved: no folder holding only config.json
 
 
-def test_results_json_is_valid_json_even_for_non_finite_numbers():
-    from cnnlab.engine.trainer import _json
+def test_results_json_is_valid_json_when_the_test_loss_is_not_finite(tmp_path, monkeypatch):
+    from cnnlab.engine.tasks.classification import ClassificationTask
 
-    text = _json({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": -float("inf")}})
-    assert json.loads(text) == {"a": None, "b": [1.0, None], "c": {"d": None}}
+    real = ClassificationTask.evaluate
+
+    def infinite_loss(self, *args, **kwargs):
+        result = real(self, *args, **kwargs)
+        result.loss = float("inf")  # a test loss can overflow where the training loss did not
+        return result
+
+    monkeypatch.setattr(ClassificationTask, "evaluate", infinite_loss)
+    result = train(tiny_config(tmp_path, epochs=1))
+    saved = json.loads((result.run_dir / "results.json").read_text())  # json.loads accepts "Infinity": parse strictly
+    json.loads((result.run_dir / "results.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert saved["test_loss"] is None and saved["test_metrics"]["loss"] is None
 
 
 def test_the_task_meter_matches_a_direct_computation():

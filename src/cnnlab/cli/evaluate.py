@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from cnnlab._errors import CnnlabError
     from cnnlab.cli._format import table
-    from cnnlab.cli._paths import output_path
+    from cnnlab.cli._paths import data_argument, make_parent, output_path
     from cnnlab.engine.data_setup import build_data
     from cnnlab.engine.evaluate import evaluate
     from cnnlab.engine.runs import load_run
@@ -38,12 +38,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise CnnlabError(f"--top must be >= 1, got {args.top}")
     output_path(args.plot, "--plot", figure=True)
+    data_argument(args.data, "--data")
     run = load_run(args.run, args.checkpoint)
     device = resolve_device(args.device)
     data_config = run.config.data
-    if args.data:
+    if args.data:  # other data: all of its training split fits the normalisation
         data_config.name = args.data
-    data_config.val_fraction = 0.0
+        data_config.val_fraction = 0.0
+    # else the run's own split, so the normalisation is fitted on the same images as in training and
+    # `cnnlab eval RUN` reproduces results.json
     data = build_data(data_config, device, seed=run.config.seed, channels_last=run.config.model.channels_last,
                       in_channels=run.input_shape[0])
     if data.classes != run.classes:
@@ -53,11 +56,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CnnlabError(f"--data {data_config.name} has images of shape {data.input_shape}, the run was trained on "
                           f"{run.input_shape}; set data.image_size in a folder run or use matching data")
     model = run.model.to(device)
+    if run.task != "classification":  # the task's own metrics (classification's tables follow below)
+        from cnnlab.engine.tasks import get_task
+
+        task = get_task(run.task, loss=run.config.loss)
+        task.prepare(data)
+        result = task.evaluate(model, data.test, data, amp=use_amp(run.config.amp, device), tta_flip=run.config.tta_flip)
+        print(f"{args.run} ({run.tag} checkpoint, epoch {run.epoch}) on {data_config.name} test split: "
+              f"{result.count} images")
+        print("  " + task.headline(result))
+        return 0
     result = evaluate(model, data.test, len(run.classes), amp=use_amp(run.config.amp, device),
                       tta_flip=run.config.tta_flip, topk=(args.top,))
     print(f"{args.run} ({run.tag} checkpoint, epoch {run.epoch}) on {data_config.name} test split: {result.count} images")
     print(f"  accuracy {result.accuracy:.4f}" + "".join(f"   top-{k} {v:.4f}" for k, v in result.topk.items())
-          + f"   loss {result.loss:.4f}\n")
+          + f"   loss {result.loss:.4f}")
+    if args.top not in result.topk:  # evaluate() leaves out a k that covers every class
+        n = len(run.classes)
+        print(f"  (no top-{args.top} accuracy: the run has {n} classes, so every image's class is among the top "
+              f"{args.top} and it would be 1.0 by definition; use --top {max(n - 1, 1)} or less)")
+    print()
     rows = [[c, f"{p:.4f}", f"{r:.4f}", int(n)] for c, p, r, n in
             zip(run.classes, result.precision.tolist(), result.recall.tolist(), result.confusion.sum(1).tolist())]
     print(table(["class", "precision", "recall", "support"], rows, align="lrrr"))
@@ -68,7 +86,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.plot:
         from cnnlab.engine.report import plot_confusion
 
-        print(f"\nconfusion matrix plot: {plot_confusion(args.plot, result.confusion, run.classes)}")
+        print(f"\nconfusion matrix plot: {plot_confusion(make_parent(args.plot, '--plot'), result.confusion, run.classes)}")
     return 0
 
 
@@ -89,11 +107,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     x = images.float() / 255
     if preprocess is not None:
         x = preprocess(x)
+    from cnnlab.engine.tasks import get_task
+
+    task = get_task(run.task, loss=run.config.loss)
     with torch.no_grad():
-        probs = run.model(x).softmax(1)
-    k = min(args.top, len(run.classes))
-    for path, p in zip(args.images, probs):
-        top = p.topk(k)
-        shown = ", ".join(f"{run.classes[i]} ({v:.1%})" for v, i in zip(top.values.tolist(), top.indices.tolist()))
-        print(f"{path}: {shown}")
+        outputs = run.model(x)
+    for path, line in zip(args.images, task.predict_lines(images.float() / 255, outputs, run.classes, args.top)):
+        print(f"{path}: {line}")
     return 0

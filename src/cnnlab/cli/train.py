@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from cnnlab.cli._args import finite_float
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -14,7 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", help="fashion_mnist, mnist, cifar10, cifar100, digits, mnist_5k, or an image folder")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
+    p.add_argument("--lr", type=finite_float)
     p.add_argument("--weights", help="initial weights: a file, 'torchvision' or 'timm'")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. optim.lr=0.1 data.flip=true (repeatable)")
@@ -22,6 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="run folder name (default: model-data-date)")
     p.add_argument("--out-dir", help="parent of the run folder (default: runs)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--time-budget", metavar="DURATION",
+                   help="stop within this wall time (e.g. 300, 4m): the first steps are timed and the number of "
+                        "steps fixed to fit; evaluation included")
     p.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     p.set_defaults(func=cmd_train)
@@ -54,7 +59,8 @@ def config_from_args(args: argparse.Namespace):
     from pathlib import Path
 
     from cnnlab._errors import CnnlabError
-    from cnnlab.engine.config import TrainConfig, apply_overrides
+    from cnnlab.cli._paths import data_argument
+    from cnnlab.engine.config import TrainConfig, apply_overrides, check_run_name, parse_duration
 
     if "help" in args.overrides:
         print("config keys and their defaults (set with --set key=value):\n" + TrainConfig().describe())
@@ -74,9 +80,14 @@ def config_from_args(args: argparse.Namespace):
         config.name = ""
     else:
         config = TrainConfig()
+    if args.name is not None:
+        check_run_name(args.name, "--name")  # before config.py names it 'name'
+    data_argument(args.data, "--data")
+    budget = getattr(args, "time_budget", None)  # search and ensemble build their configs here too, without it
+    budget = None if budget is None else parse_duration(budget, "--time-budget")
     named = {"model.name": args.model, "data.name": args.data, "epochs": args.epochs, "data.batch_size": args.batch_size,
              "optim.lr": args.lr, "model.weights": args.weights, "name": args.name, "out_dir": args.out_dir,
-             "device": args.device}
+             "device": args.device, "time_budget": budget}
     overrides = [f"{k}={v}" for k, v in named.items() if v is not None] + list(args.overrides)
     if args.quiet:
         overrides.append("quiet=true")
@@ -115,9 +126,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not is_main_process():  # under torchrun, rank 0 reports
         return 0
     test = result.test
-    top = "".join(f", top-{k} {v:.4f}" for k, v in test.topk.items())
-    print(f"test accuracy {test.accuracy:.4f}{top} on {test.count} images "
-          f"(model of epoch {result.best_epoch}; {result.wall_s:.0f} s wall, {result.cpu_s:.0f} s CPU)")
+    from cnnlab.engine.tasks import get_task
+
+    headline = get_task(result.task).headline(test)
+    budget = f"; {result.planned_steps:,} steps fitted the time budget" if result.planned_steps else ""
+    print(f"{headline} on {test.count} images "
+          f"(model of epoch {result.best_epoch}; {result.wall_s:.0f} s wall, {result.cpu_s:.0f} s CPU{budget})")
     print(f"run folder: {result.run_dir}")
     if (result.run_dir / "report.html").is_file():
         print(f"report: {result.run_dir / 'report.html'}")

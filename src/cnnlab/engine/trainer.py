@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from cnnlab._errors import CnnlabError
-from cnnlab._io import atomic_write_text
+from cnnlab._io import atomic_write_text, dumps_json
 from cnnlab.engine import report
 from cnnlab.engine.checkpoint import load_checkpoint, save_checkpoint
 from cnnlab.engine.config import TrainConfig, validate
@@ -481,7 +481,7 @@ def _write_results(result: RunResult, task: Task, data: DataBundle, tag: str) ->
                "best_epoch": result.best_epoch, "epochs_run": len(result.history), "stopped_early": result.stopped_early,
                "planned_steps": result.planned_steps, "time_budget_s": result.config.time_budget or None,
                "wall_s": result.wall_s, "cpu_s": result.cpu_s, "classes": result.classes}
-    atomic_write_text(run_dir / "results.json", _json(summary))
+    atomic_write_text(run_dir / "results.json", dumps_json(summary, indent=2))
     if result.config.plots and result.history:
         report.plot_curves(run_dir / "curves.png", result.history)
         task.plots(run_dir, test, data, result.model)
@@ -492,17 +492,3 @@ def _write_results(result: RunResult, task: Task, data: DataBundle, tag: str) ->
         except Exception as e:  # noqa: BLE001 - the run is done and saved; a page that fails must not undo that
             warnings.warn(f"report.html was not written ({type(e).__name__}: {e}); `cnnlab report {run_dir}` retries",
                           stacklevel=2)
-
-
-def _json(obj: Any) -> str:
-    """JSON with non-finite numbers written as null: results.json stays valid JSON (json.dumps writes NaN)."""
-    def clean(v: Any) -> Any:
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return v
-
-    return json.dumps(clean(obj), indent=2, allow_nan=False)

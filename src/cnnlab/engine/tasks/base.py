@@ -149,8 +149,8 @@ class Task(ABC):
     def plots(self, run_dir: Path, test: TaskResult, data: DataBundle, model: nn.Module) -> None:
         """Task-specific PNGs in the run folder (the learning curves are drawn for every task)."""
 
-    def predict_lines(self, output: torch.Tensor, classes: list[str], top: int) -> list[str]:
-        """What ``cnnlab predict`` prints for one input."""
+    def predict_lines(self, images: torch.Tensor, outputs: Any, classes: list[str], top: int) -> list[str]:
+        """What ``cnnlab predict`` prints for each input (``images`` in [0, 1], ``outputs`` the model's, batched)."""
         raise CnnlabError(f"cnnlab predict does not support the {self.name} task yet")
 
 

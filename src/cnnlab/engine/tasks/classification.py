@@ -91,7 +91,10 @@ class ClassificationTask(Task):
             report.plot_misclassified(run_dir / "misclassified.png", data.test_images, labels, test.predictions,
                                       data.classes)
 
-    def predict_lines(self, output, classes, top):
-        probs = output.float().softmax(-1)
-        values, indices = probs.topk(min(top, probs.numel()))
-        return [f"{classes[i]:<20} {v:.4f}" for v, i in zip(values.tolist(), indices.tolist())]
+    def predict_lines(self, images, outputs, classes, top):
+        probs = outputs.float().softmax(1)
+        lines = []
+        for p in probs:
+            best = p.topk(min(top, len(classes)))
+            lines.append(", ".join(f"{classes[i]} ({v:.1%})" for v, i in zip(best.values.tolist(), best.indices.tolist())))
+        return lines

@@ -117,6 +117,9 @@ class ReconstructionTask(Task):
     def summary(self, test: TaskResult) -> dict[str, Any]:
         return {"test_loss": test.loss, "test_psnr": test.metrics["psnr"], "loss": self.loss_name}
 
+    def predict_lines(self, images, outputs, classes, top):
+        return [f"reconstructed at {v:.2f} dB PSNR" for v in psnr(outputs.float(), images).tolist()]
+
     def plots(self, run_dir: Path, test, data, model: nn.Module) -> None:
         plot_reconstructions(run_dir / "reconstructions.png", model, data)
 
