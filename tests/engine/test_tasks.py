@@ -239,3 +239,15 @@ def test_the_task_meter_matches_a_direct_computation():
     meter.update(StepOutput(torch.tensor(0.6), logits, y, 3))
     meter.update(StepOutput(torch.tensor(0.3), logits[:1], y[:1], 1))
     assert meter.compute() == {"loss": pytest.approx((0.6 * 3 + 0.3) / 4), "acc": 0.75}
+
+
+def test_search_and_bagging_folders_stay_inside_out_dir(tmp_path):
+    from cnnlab.engine.ensemble import train_bagged
+    from cnnlab.engine.search import parse_space, search
+
+    config = tiny_config(tmp_path / "out", name="../escaped", epochs=1)
+    with pytest.raises(CnnlabError, match="must be one folder name"):
+        train_bagged(config, 2)
+    with pytest.raises(CnnlabError, match="must be one folder name"):
+        search(tiny_config(tmp_path / "out", epochs=1), parse_space(["optim.lr=0.01,0.1"]), name="../escaped")
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "out").exists()

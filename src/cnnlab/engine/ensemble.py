@@ -31,7 +31,7 @@ from torch import nn
 from cnnlab._errors import CnnlabError
 from cnnlab._io import atomic_write_text, dumps_json
 from cnnlab.engine.checkpoint import load_checkpoint
-from cnnlab.engine.config import TrainConfig
+from cnnlab.engine.config import TrainConfig, validate
 from cnnlab.engine.data_setup import DataBundle, build_data
 from cnnlab.engine.distributed import is_main_process
 from cnnlab.engine.evaluate import evaluate
@@ -250,6 +250,7 @@ def train_bagged(config: TrainConfig, n: int, *, resume: bool = False) -> Baggin
     """
     if n < 1:
         raise CnnlabError(f"--bootstrap needs at least 1 member, got {n}")
+    validate(config)  # the bag's folder name included: one folder inside out_dir
     if resume and not config.name:
         raise CnnlabError("resuming a bag needs its folder: set config.name (or cnnlab ensemble --resume DIR)")
     name = config.name or f"bag-{config.model.name}-{Path(config.data.name).name}-{datetime.now():%Y%m%d-%H%M%S}"

@@ -1,48 +1,58 @@
-"""Hyper-parameter search: grid or random, short runs first, then refined around the best (coarse to fine).
+"""Hyper-parameter search on Optuna: grid, random or TPE proposals, successive-halving/Hyperband pruning.
 
     >>> from cnnlab.engine.search import parse_space, search
     >>> space = parse_space(["optim.lr=loguniform(1e-3, 1)", "optim.optimizer=sgd,adamw"])
-    >>> result = search(config, space, strategy="random", trials=(8, 4), epochs=(1, 3))  # doctest: +SKIP
-    >>> result.best.params, result.best.score                                               # doctest: +SKIP
+    >>> result = search(config, space, sampler="tpe", pruner="hyperband", trials=12, epochs=9)  # doctest: +SKIP
+    >>> result.best.params, result.best.score                                                   # doctest: +SKIP
 
 A space maps the dotted config keys of ``cnnlab train --set`` to a :class:`Dimension`:
 ``loguniform(lo, hi)`` (learning rates, weight decay: scale matters, not the digits),
 ``uniform(lo, hi)``, ``int(lo, hi)``, or a list of choices ``a,b,c`` / ``[json, ...]``.
-Round 1 samples the whole space with short runs (``epochs[0]``); each later round narrows every
-range around the best trial so far (its width times ``shrink``, centred on the best value, in
-log space for log ranges) and fixes the choices to the best one, then trains longer. Trials are
-scored on the validation split (``val_acc`` or ``val_loss``, best epoch), never on the test split.
 
-The search folder gets ``search.json`` (the arguments) first, and ``search.csv``/``best.json`` are
-rewritten after every trial; ``resume_search(folder)`` (``cnnlab search --resume``) continues a
-killed search: the proposals depend only on the seed and the scores, so they come out the same.
+Optuna (https://optuna.org) proposes the values and prunes: every trial reports its validation
+metric after each epoch from ``train()``'s epoch callback, and the pruner stops the trials that
+trail the others at the same epoch (successive halving, Li et al. 2017's Hyperband): short runs
+first, and only the promising ones train on. The metric is any ``val_<m>`` column of the epoch
+rows (``val_acc``, ``val_loss``, ``val_psnr``); the task says whether higher is better.
+
+The study lives in a SQLite file in the search folder (``sqlite:///DIR/study.db``) or in any
+database Optuna takes (``storage=``): a killed search resumes (``resume_search(DIR)``), and
+several processes or machines can work on one study (same storage URL and study name).
+``search.csv`` and ``best.json`` are rewritten after every trial, ``search.png`` at the end.
 """
 from __future__ import annotations
 
 import copy
 import csv
 import io
-import itertools
 import json
 import math
-import random
+import os
 import re
+import socket
+import sqlite3
 import time
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from cnnlab._errors import CnnlabError, did_you_mean
-from cnnlab._io import atomic_write_text
+from cnnlab._io import atomic_write_text, dumps_json
 from cnnlab._plot import pyplot, save_figure
-from cnnlab.engine.config import TrainConfig, apply_overrides
-from cnnlab.engine.distributed import is_main_process
+from cnnlab.engine.config import TrainConfig, apply_overrides, check_run_name
 from cnnlab.engine.resumable import Progress, config_differences, read_history, read_json, run_state
 from cnnlab.engine.trainer import TrainingDiverged, train
 
 _RANGE = re.compile(r"^\s*(uniform|loguniform|int)\s*\(\s*([^,]+?)\s*,\s*([^,]+?)\s*\)\s*$")
+SAMPLERS = ("tpe", "random", "grid")
+PRUNERS = ("hyperband", "halving", "none")
+STUDY_FILE = "study.db"
+ARGUMENTS_ATTR = "cnnlab_search"  # the study's user attribute holding the search's arguments
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
+OPTUNA_TABLES = {"studies", "trials", "version_info", "alembic_version"}
 
 
 @dataclass(frozen=True)
@@ -53,7 +63,6 @@ class Dimension:
         key: a dotted config key (``optim.lr``); kind: ``choice``, ``uniform``, ``loguniform`` or ``int``.
         low, high: the range of numeric kinds (inclusive); choices: the values of ``choice``, as
             ``--set`` text (``"sgd"``, ``'{"drop_rate": 0.3}'``).
-        bounds: hard limits a refined range never leaves (the first round's range for linear kinds).
     """
 
     key: str
@@ -61,54 +70,49 @@ class Dimension:
     low: float = 0.0
     high: float = 0.0
     choices: tuple[str, ...] = ()
-    bounds: tuple[float, float] | None = None
 
     @property
     def log(self) -> bool:
         return self.kind == "loguniform"
 
-    def _fmt(self, value: float) -> str:
-        return str(int(round(value))) if self.kind == "int" else f"{value:.4g}"
-
-    def sample(self, rng: random.Random) -> str:
-        """One value as ``--set`` text: uniform in the range (in log space for ``loguniform``)."""
+    def suggest(self, trial: Any) -> Any:
+        """The trial's value from Optuna (a number, or the choice's text)."""
         if self.kind == "choice":
-            return rng.choice(self.choices)
-        if self.log:
-            return self._fmt(math.exp(rng.uniform(math.log(self.low), math.log(self.high))))
+            return trial.suggest_categorical(self.key, list(self.choices))
         if self.kind == "int":
-            return str(rng.randint(int(round(self.low)), int(round(self.high))))
-        return self._fmt(rng.uniform(self.low, self.high))
+            return trial.suggest_int(self.key, int(round(self.low)), int(round(self.high)))
+        return trial.suggest_float(self.key, self.low, self.high, log=self.log)
 
-    def grid(self, points: int) -> list[str]:
+    def text(self, value: Any) -> str:
+        """A value as exact ``--set`` text (``repr`` of a float round-trips)."""
+        return value if self.kind == "choice" else str(int(value)) if self.kind == "int" else repr(float(value))
+
+    def grid(self, points: int) -> list[Any]:
         """``points`` evenly spaced values (log-spaced for ``loguniform``), or every choice."""
         if self.kind == "choice":
             return list(self.choices)
-        if points == 1 or self.low == self.high:
-            mid = math.sqrt(self.low * self.high) if self.log else (self.low + self.high) / 2
-            return [self._fmt(mid)]
+        if self.kind == "int":
+            lo, hi = int(round(self.low)), int(round(self.high))
+            return list(dict.fromkeys(round(lo + (hi - lo) * i / max(points - 1, 1)) for i in range(points)))
+        if points == 1:
+            return [math.sqrt(self.low * self.high) if self.log else (self.low + self.high) / 2]
         lo, hi = (math.log(self.low), math.log(self.high)) if self.log else (self.low, self.high)
         values = [lo + (hi - lo) * i / (points - 1) for i in range(points)]
-        out = [self._fmt(math.exp(v) if self.log else v) for v in values]
-        return list(dict.fromkeys(out))  # int ranges narrower than `points` give repeats
-
-    def narrow(self, best: str, shrink: float) -> Dimension:
-        """The range ``shrink`` times as wide, centred on ``best``; a choice becomes the best choice."""
-        if self.kind == "choice":
-            return replace(self, choices=(best,))
-        value = float(best)
-        if self.log:
-            half = (math.log(self.high) - math.log(self.low)) * shrink / 2
-            return replace(self, low=value * math.exp(-half), high=value * math.exp(half))
-        half = (self.high - self.low) * shrink / 2
-        lo_bound, hi_bound = self.bounds or (self.low, self.high)
-        low, high = max(lo_bound, value - half), min(hi_bound, value + half)
-        return replace(self, low=low, high=high, bounds=(lo_bound, hi_bound))
+        # the ends exactly: exp(log(x)) can leave the range by an ulp, which Optuna refuses
+        return [self.low, *(float(f"{math.exp(v) if self.log else v:.6g}") for v in values[1:-1]), self.high]
 
     def describe(self) -> str:
         if self.kind == "choice":
             return f"{self.key} in {{{', '.join(self.choices)}}}"
-        return f"{self.key} ~ {self.kind}({self._fmt(self.low)}, {self._fmt(self.high)})"
+        return f"{self.key} ~ {self.kind}({self.low:.4g}, {self.high:.4g})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "kind": self.kind, "low": float(self.low), "high": float(self.high),
+                "choices": list(self.choices)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Dimension:
+        return cls(d["key"], d["kind"], float(d["low"]), float(d["high"]), tuple(d["choices"]))
 
 
 def parse_dimension(spec: str) -> Dimension:
@@ -152,7 +156,7 @@ def parse_dimension(spec: str) -> Dimension:
 
 
 def parse_space(specs: Sequence[str]) -> list[Dimension]:
-    """Parse ``--param`` specs; keys are checked against the config (same errors as ``--set``)."""
+    """Parse ``--param`` specs; keys are checked against the config when a search starts (as ``--set``)."""
     space = [parse_dimension(s) for s in specs]
     keys = [d.key for d in space]
     if not space:
@@ -164,181 +168,485 @@ def parse_space(specs: Sequence[str]) -> list[Dimension]:
 
 @dataclass
 class Trial:
-    """One short training run of the search.
+    """One trial of the study, as the table shows it.
 
     Args:
-        round, index: its place in the search; params: searched key -> value (``--set`` text).
-        epochs: its training length; score: the metric (NaN when it diverged); status: ``ok`` or ``diverged``.
-        val_acc, val_loss: at the best epoch by the metric; train_loss: at that epoch.
-        source: ``run`` (trained now), ``resumed`` (continued from its last checkpoint) or ``read``
-            (finished before and read back from its folder by a resumed search).
+        number: Optuna's trial number; params: searched key -> value (``--set`` text).
+        state: ``complete``, ``pruned`` (stopped by the pruner), ``diverged`` (NaN loss), ``failed``,
+            ``running`` or ``interrupted``; epochs: epochs trained.
+        score: the metric at the best epoch (NaN when none); val_loss, train_loss: at that epoch.
+        curve: epoch -> the metric reported to the pruner.
+        worker: ``host:pid`` of the process that ran it.
     """
 
-    round: int
-    index: int
+    number: int
     params: dict[str, str]
-    epochs: int
-    run_dir: Path
+    state: str
+    epochs: int = 0
     score: float = math.nan
-    val_acc: float = math.nan
+    best_epoch: int = 0
     val_loss: float = math.nan
     train_loss: float = math.nan
-    best_epoch: int = 0
-    status: str = "pending"
     time_s: float = 0.0
-    source: str = "run"
-    history: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    run_dir: str = ""
+    worker: str = ""
+    curve: dict[int, float] = field(default_factory=dict, repr=False)
 
 
 @dataclass
 class SearchResult:
-    """Every trial, the best one, and where the table and plot went."""
+    """Every trial, the best finished one (None when none finished), and where the table and plot went."""
 
     trials: list[Trial]
-    best: Trial
+    best: Trial | None
     search_dir: Path
     csv_path: Path
     plot_path: Path | None
     metric: str
+    direction: str
+    storage: str
+    study_name: str
 
     def best_overrides(self) -> list[str]:
         """The best trial's values as ``--set`` arguments for ``cnnlab train``."""
-        return [f"{k}={v}" for k, v in self.best.params.items()]
+        return [f"{k}={v}" for k, v in self.best.params.items()] if self.best else []
 
 
-def _better(metric: str, a: float, b: float) -> bool:
-    """``a`` beats ``b`` (NaN never wins)."""
-    if math.isnan(a):
-        return False
-    return math.isnan(b) or (a > b if metric == "val_acc" else a < b)
+def metric_direction(base: TrainConfig, metric: str | None) -> tuple[str, bool]:
+    """(the metric, higher is better) for the task of ``base``'s model; ``None`` picks its first metric."""
+    from cnnlab.engine.tasks import get_task
+
+    task = get_task(base)
+    names = ("loss", *task.metrics)
+    accepted = [f"val_{m}" for m in names]
+    if metric is None:
+        metric = accepted[1] if len(accepted) > 1 else accepted[0]
+    if metric not in accepted:
+        raise CnnlabError(f"search metric={metric!r} is not a validation column of the {task.name} task's epoch rows; "
+                          f"choose {', '.join(accepted)}{did_you_mean(str(metric), accepted)} (trials are ranked on "
+                          "the validation split, never on test)")
+    return metric, task.higher_is_better(metric)
 
 
-def propose(space: Sequence[Dimension], strategy: str, trials: int, grid_points: int,
-            rng: random.Random) -> list[dict[str, str]]:
-    """One round's parameter sets: every grid combination, or ``trials`` random samples."""
-    if strategy == "grid":
-        axes = [d.grid(grid_points) for d in space]
-        return [dict(zip([d.key for d in space], combo)) for combo in itertools.product(*axes)]
-    if strategy == "random":
-        return [{d.key: d.sample(rng) for d in space} for _ in range(trials)]
-    raise CnnlabError(f"unknown search strategy {strategy!r}; choose grid or random")
-
-
-def search(base: TrainConfig, space: Sequence[Dimension], *, strategy: str = "random", trials: int | Sequence[int] = 8,
-           epochs: Sequence[int] = (1, 3), metric: str = "val_acc", shrink: float = 0.25, grid_points: int = 3,
-           seed: int = 0, name: str = "", plot: bool = True, resume: bool = False) -> SearchResult:
-    """Run the rounds of a coarse-to-fine search; ``search.csv`` and ``best.json`` are rewritten after every trial.
+def search(base: TrainConfig, space: Sequence[Dimension], *, sampler: str = "tpe", pruner: str = "hyperband",
+           trials: int | None = None, epochs: int = 3, min_epochs: int = 1, reduction_factor: int = 3,
+           metric: str | None = None, grid_points: int = 3, seed: int = 0, name: str = "",
+           storage: str | None = None, study_name: str | None = None, plot: bool = True,
+           resume: bool = False) -> SearchResult:
+    """Run (or continue, or join) an Optuna study over ``space``; see the module docstring.
 
     Args:
-        base: the config every trial starts from (its ``epochs`` is replaced by each round's); without
-            a validation split, 10% of the training split is held out (``data.val_fraction=0.1``).
-        space: the dimensions (:func:`parse_space`).
-        strategy: ``random`` (``trials`` samples per round) or ``grid`` (every combination, with
-            ``grid_points`` values per numeric range).
-        trials: per round, or one number for all rounds (random search only).
-        epochs: one training length per round: short runs first, e.g. ``(1, 3)``.
-        metric: ``val_acc`` (higher is better) or ``val_loss``; shrink: width factor of each refinement.
-        seed: of the random proposals (every trial trains with ``base.seed``: same initial weights).
+        base: the config every trial starts from (its ``epochs`` is replaced by ``epochs``); without a
+            validation split, 10% of the training split is held out (``data.val_fraction=0.1``).
+        sampler: ``tpe`` (Bergstra et al. 2011; the first trials are random), ``random`` or ``grid``
+            (every combination, ``grid_points`` values per numeric range).
+        pruner: ``hyperband``, ``halving`` (successive halving) or ``none``; rungs start at ``min_epochs``
+            and grow by ``reduction_factor``; a trial trains at most ``epochs``.
+        trials: how many trials the study holds when done (all workers together); default 8, or the
+            grid's size.
+        metric: ``val_<m>`` for a metric of the task (default its first: ``val_acc``, ``val_psnr``).
+        seed: of the proposals: trial ``n`` is proposed with seed ``seed + n`` from the trials before it,
+            so a resumed study proposes what an uninterrupted one would.
         name: the search folder under ``base.out_dir`` (default ``search-<model>-<data>-<date>``).
-        resume: continue the search in that folder (see :func:`resume_search`): the arguments must equal
-            those saved in its ``search.json``; finished trials are read back, an interrupted one continues
-            from its last checkpoint, the rest run. The result equals an uninterrupted search's.
+        storage: an Optuna storage URL (default ``sqlite:///<folder>/study.db``); study_name: default the
+            folder's name. With an explicit storage, a study of that name with the same arguments is
+            joined (another worker); ``resume`` continues the one in the folder.
     """
+    import optuna
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise CnnlabError("cnnlab search does not run under torchrun: each trial is one process. To use several "
+                          "processes or machines, start several workers on one study (docs/ensembles_search.md)")
     space = list(space)
-    if metric not in ("val_acc", "val_loss"):
-        raise CnnlabError(f"search metric {metric!r} is not one of val_acc, val_loss")
-    rounds = len(epochs)
-    if rounds == 0 or any(e < 1 for e in epochs):
-        raise CnnlabError(f"search epochs must be one positive count per round, e.g. 1,3; got {list(epochs)}")
-    per_round = [int(trials)] * rounds if isinstance(trials, int) else [int(t) for t in trials]
-    if len(per_round) != rounds or any(t < 1 for t in per_round):
-        raise CnnlabError(f"search trials must be one positive count, or one per round ({rounds}); got {trials}")
-    if not 0 < shrink <= 1:
-        raise CnnlabError(f"search shrink must be in (0, 1], got {shrink}")
-    if grid_points < 1:
-        raise CnnlabError(f"grid points must be at least 1, got {grid_points}")
-    if strategy not in ("random", "grid"):
-        raise CnnlabError(f"unknown search strategy {strategy!r}; choose grid or random")
+    if sampler not in SAMPLERS:
+        raise CnnlabError(f"sampler={sampler!r} is not one of {', '.join(SAMPLERS)}{did_you_mean(str(sampler), SAMPLERS)}")
+    if pruner not in PRUNERS:
+        raise CnnlabError(f"pruner={pruner!r} is not one of {', '.join(PRUNERS)}{did_you_mean(str(pruner), PRUNERS)}")
+    for key, value, low in (("epochs", epochs, 1), ("min_epochs", min_epochs, 1), ("reduction_factor", reduction_factor, 2),
+                            ("grid_points", grid_points, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise CnnlabError(f"search {key} must be a whole number >= {low}, got {value!r}")
+    if min_epochs > epochs:
+        raise CnnlabError(f"search min_epochs ({min_epochs}) must be <= epochs ({epochs}): the first rung of the pruner")
+    grid_size = math.prod(len(d.grid(grid_points)) for d in space)
+    if trials is None:
+        trials = grid_size if sampler == "grid" else 8
+    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
+        raise CnnlabError(f"search trials must be a whole number >= 1, got {trials!r}")
+    if sampler == "grid":
+        trials = min(trials, grid_size)  # Optuna's grid sampler stops the study once every point was tried
     base = prepare_base(base)
+    for d in space:  # a bad key or value fails now, not after the first trial trained
+        _trial_config(base, {d.key: d.text(d.grid(1)[0])}, Path(base.out_dir) / "check", epochs)
+    metric, higher = metric_direction(base, metric)
     if resume and not (name or base.name):
         raise CnnlabError("resuming a search needs its folder: pass name=... (or cnnlab search --resume DIR)")
+    if name or base.name:
+        check_run_name(name or base.name, "name")  # one folder inside out_dir, never elsewhere
     search_dir = Path(base.out_dir) / (name or base.name or
                                        f"search-{base.model.name}-{Path(base.data.name).name}-{datetime.now():%Y%m%d-%H%M%S}")
-    arguments = {"version": 1, "space": [_dim_to_dict(d) for d in space], "strategy": strategy, "trials": per_round,
-                 "epochs": [int(e) for e in epochs], "metric": metric, "shrink": float(shrink),
-                 "grid_points": int(grid_points), "seed": int(seed), "base": base.to_dict()}
+    url = storage or f"sqlite:///{search_dir / STUDY_FILE}"
+    study_name = study_name or search_dir.name
+    arguments = {"version": 2, "space": [d.to_dict() for d in space], "sampler": sampler, "pruner": pruner,
+                 "trials": int(trials), "epochs": int(epochs), "min_epochs": int(min_epochs),
+                 "reduction_factor": int(reduction_factor), "metric": metric, "grid_points": int(grid_points),
+                 "seed": int(seed), "base": base.to_dict()}
+    folder_holds = (search_dir / "search.json").exists() or (search_dir / STUDY_FILE).exists()
     if resume:
-        conflicts = argument_conflicts(load_arguments(search_dir), arguments)
-        if conflicts:
-            raise CnnlabError(f"{search_dir / 'search.json'} was started with other arguments: {'; '.join(conflicts)}. "
-                              "Resume with the saved ones (cnnlab search --resume DIR takes them from the file)")
-    elif (search_dir / "search.json").exists() or (search_dir / "search.csv").exists():
+        saved = load_arguments(search_dir)
+        _refuse_conflicts(search_dir / "search.json", saved, arguments)
+    elif folder_holds and storage is None:
         raise CnnlabError(f"{search_dir} already holds a search; continue it with `cnnlab search --resume {search_dir}` "
                           "(search(..., resume=True)) or choose another name")
-    elif is_main_process():  # saved first: a search killed at any later point can be resumed
-        search_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(search_dir / "search.json", json.dumps(arguments, indent=2))
+    study = _open_study(url, study_name, arguments, higher, must_exist=resume and storage is None,
+                        may_join=resume or storage is not None)
+    search_dir.mkdir(parents=True, exist_ok=True)
+    if not (search_dir / "search.json").exists():
+        atomic_write_text(search_dir / "search.json", dumps_json(
+            {**arguments, "storage": storage, "study_name": study_name}, indent=2))
     try:
-        return _run_search(base, space, strategy, per_round, list(epochs), metric, shrink, grid_points, seed,
-                           search_dir, plot, resume)
+        return _work(study, base, space, arguments, higher, search_dir, url, plot)
     except KeyboardInterrupt:
         _say(base, f"search interrupted; search.csv holds the finished trials. Continue it with: "
                    f"cnnlab search --resume {search_dir}")
         raise
 
 
-def _run_search(base: TrainConfig, space: list[Dimension], strategy: str, per_round: list[int], epochs: list[int],
-                metric: str, shrink: float, grid_points: int, seed: int, search_dir: Path, plot: bool,
-                resume: bool) -> SearchResult:
-    rounds, keys = len(epochs), [d.key for d in space]
-    csv_path = search_dir / "search.csv"
-    rng = random.Random(seed)  # the proposals depend on the seed and the scores only: a resume recomputes them
-    done: list[Trial] = []
-    best: Trial | None = None
-    progress = Progress(0)
-    for r, round_epochs in enumerate(epochs, start=1):
-        if best is not None:
-            space = [d.narrow(best.params[d.key], shrink) for d in space]
-        proposals = propose(space, strategy, per_round[r - 1], grid_points, rng)
-        configs = [_trial_config(base, p, round_epochs, search_dir, r, i) for i, p in enumerate(proposals)]
-        # later rounds' sizes: a grid's narrowed choices count once (numeric ranges may dedupe: an estimate)
-        later = [per_round[k] if strategy == "random" else
-                 math.prod(1 if d.kind == "choice" else len(d.grid(grid_points)) for d in space) for k in range(r, rounds)]
-        total = len(done) + len(configs) + sum(later)
-        progress.plan(sum(t.epochs for t in done) + len(configs) * round_epochs
-                      + sum(n * e for n, e in zip(later, epochs[r:])))
-        _say(base, f"search round {r}/{rounds}: {len(configs)} trials of {round_epochs} epoch(s) over "
-                   + "; ".join(d.describe() for d in space))
-        for i, (params, config) in enumerate(zip(proposals, configs)):
-            trial, trained = _get_trial(config, params, r, i, metric, resume)
-            done.append(trial)
-            progress.finished(trial.epochs, trained, trial.time_s)
-            mark = ""
-            if best is None or _better(metric, trial.score, best.score):
-                best, mark = trial, "  (best so far)"
-            if is_main_process():  # under torchrun every rank runs the same trials; rank 0 writes
-                write_table(csv_path, done, keys)
-                atomic_write_text(search_dir / "best.json", json.dumps(
-                    {"metric": metric, "score": best.score, "params": best.params, "run_dir": str(best.run_dir),
-                     "trials_done": len(done), "trials_planned": total}, indent=2))
-            shown = " ".join(f"{k}={v}" for k, v in params.items())
-            how = {"run": f"{trial.time_s:.0f} s", "resumed": f"resumed, {trial.time_s:.0f} s", "read": "read back"}
-            approx = "~" if strategy == "grid" and r < rounds else ""
-            _say(base, f"  trial {len(done)}/{approx}{total} r{r} t{i:02d} {shown} -> {metric} {trial.score:.4f} "
-                       f"({trial.status}, {how[trial.source]}){mark}  [{progress.line()}]")
-    assert best is not None
+def _open_study(url: str, study_name: str, arguments: dict[str, Any], higher: bool, *, must_exist: bool,
+                may_join: bool):
+    """The study, created or loaded; a file or study that is not this search's is refused before anything is written."""
+    import optuna
+    import sqlalchemy.exc
+
+    existing_file = False
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///"))
+        existing_file = path.exists()
+        if existing_file:
+            _check_sqlite_file(path)
+        elif must_exist:
+            raise CnnlabError(f"{path} does not exist: the search folder holds no study to resume")
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # cnnlab prints its own line per trial
+    try:
+        # skip_table_creation: Optuna would otherwise add its tables to a file of another Optuna version
+        store = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}} if
+                                           url.startswith("sqlite") else None, skip_table_creation=existing_file)
+        names = optuna.study.get_all_study_names(store)
+    except (sqlalchemy.exc.SQLAlchemyError, RuntimeError, ImportError, ValueError) as e:
+        raise CnnlabError(f"search storage {url}: cannot be opened as an Optuna study ({type(e).__name__}: {e})") from None
+    if study_name in names:
+        study = optuna.load_study(study_name=study_name, storage=store)
+        saved = study.user_attrs.get(ARGUMENTS_ATTR)
+        if saved is None:
+            raise CnnlabError(f"search storage {url}: study {study_name!r} was not made by cnnlab search; "
+                              "choose another study name or storage")
+        _refuse_conflicts(f"study {study_name!r} in {url}", saved, arguments)
+        if not may_join:
+            raise CnnlabError(f"search storage {url} already holds study {study_name!r}; continue it with "
+                              "resume=True (cnnlab search --resume DIR) or choose another name")
+        return study
+    if existing_file and names:
+        raise CnnlabError(f"search storage {url} holds other studies ({', '.join(names)}), not {study_name!r}: it "
+                          "belongs to another search; choose another folder or pass its study name")
+    if must_exist:
+        raise CnnlabError(f"search storage {url} holds no study {study_name!r} to resume")
+    study = optuna.create_study(storage=store, study_name=study_name,
+                                direction="maximize" if higher else "minimize")
+    study.set_user_attr(ARGUMENTS_ATTR, arguments)
+    return study
+
+
+def _check_sqlite_file(path: Path) -> None:
+    """Refuse a file that is not an Optuna SQLite database, reading it only (opening it with Optuna would write)."""
+    with open(path, "rb") as f:
+        header = f.read(16)
+    if header != b"SQLite format 3\x00":
+        raise CnnlabError(f"{path} is not an Optuna study (not a SQLite database); it was left as it is. Move it "
+                          "away or choose another search folder")
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as e:
+        raise CnnlabError(f"{path} cannot be read as a SQLite database ({e}); it was left as it is") from None
+    if not OPTUNA_TABLES <= tables:
+        raise CnnlabError(f"{path} is a SQLite database but not an Optuna study (its tables: "
+                          f"{', '.join(sorted(tables)) or 'none'}); it was left as it is")
+
+
+def _refuse_conflicts(where: Any, saved: dict[str, Any], given: dict[str, Any]) -> None:
+    conflicts = argument_conflicts(saved, given)
+    if conflicts:
+        raise CnnlabError(f"{where} belongs to another search (other arguments: {'; '.join(conflicts)}); it was "
+                          "left as it is. Resume with the saved arguments (cnnlab search --resume DIR reads them) "
+                          "or choose another folder, storage or study name")
+
+
+def _make_sampler(arguments: dict[str, Any], space: list[Dimension], seed: int):
+    import optuna
+
+    kind = arguments["sampler"]
+    if kind == "grid":
+        # grid point n is trial n of one seeded shuffle: the same seed for every trial
+        return _GridSampler({d.key: d.grid(arguments["grid_points"]) for d in space}, seed=arguments["seed"])
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    # Optuna's default of 10 random trials first would leave a short search all random
+    startup = min(10, max(2, arguments["trials"] // 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # multivariate is marked experimental
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True)
+
+
+def _grid_sampler_class():
+    import optuna
+
+    class GridSampler(optuna.samplers.GridSampler):
+        """Optuna's grid sampler, used with ask/tell: the trial count ends the search, not ``study.stop()``
+        (which Optuna allows only inside ``study.optimize``)."""
+
+        def after_trial(self, study, trial, state, values) -> None:
+            pass
+
+    return GridSampler
+
+
+def _GridSampler(search_space: dict[str, list[Any]], seed: int):  # noqa: N802 - a class built lazily (optuna import)
+    return _grid_sampler_class()(search_space, seed=seed)
+
+
+def _make_pruner(arguments: dict[str, Any]):
+    import optuna
+
+    kind, low, factor = arguments["pruner"], arguments["min_epochs"], arguments["reduction_factor"]
+    if kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=low, max_resource=arguments["epochs"],
+                                              reduction_factor=factor)
+    if kind == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=low, reduction_factor=factor)
+    return optuna.pruners.NopPruner()
+
+
+def _counted(t: Any) -> bool:
+    """A trial that counts towards ``trials``: finished (not by an error) or being trained."""
+    from optuna.trial import TrialState
+
+    status = t.user_attrs.get("status")
+    return (t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+            or (t.state == TrialState.FAIL and status == "diverged"))
+
+
+def _orphaned(t: Any) -> bool:
+    """A running trial nobody trains any more: interrupted, or its process on this machine is gone."""
+    from optuna.trial import TrialState
+
+    if t.state != TrialState.RUNNING:
+        return False
+    if t.user_attrs.get("interrupted"):
+        return True
+    host, _, pid = str(t.user_attrs.get("worker", "")).rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _work(study: Any, base: TrainConfig, space: list[Dimension], arguments: dict[str, Any], higher: bool,
+          search_dir: Path, url: str, plot: bool) -> SearchResult:
+    """Train trials until the study holds ``trials`` of them, rewriting the table after each."""
+    import optuna
+
+    study.pruner = _make_pruner(arguments)
+    total, metric = arguments["trials"], arguments["metric"]
+    progress = Progress(total * arguments["epochs"])
+    finished_before = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished() and _counted(t)]
+    progress.done = sum(int(t.user_attrs.get("epochs", 0)) for t in finished_before)
+    for t in finished_before:  # a resumed or joined study: what is there already
+        _say(base, f"  trial {t.number + 1}/{total} t{t.number:03d} {_shown(space, t.params)} -> "
+                   f"{_state(t)} {metric} {t.user_attrs.get('score', math.nan):.4f} (read back)")
+    _say(base, f"search {study.study_name}: {total} trials of up to {arguments['epochs']} epoch(s), "
+               f"{arguments['sampler']} sampler, {arguments['pruner']} pruner, {metric} "
+               f"({'higher' if higher else 'lower'} is better) over " + "; ".join(d.describe() for d in space))
+    while True:
+        trials = study.get_trials(deepcopy=False)
+        orphans = [t for t in trials if _orphaned(t)]
+        if orphans:
+            trial, source = optuna.trial.Trial(study, orphans[0]._trial_id), "resumed"
+        else:
+            if sum(_counted(t) for t in trials) >= total:
+                break
+            study.sampler = _make_sampler(arguments, space, arguments["seed"] + len(trials))
+            trial, source = study.ask(), "run"
+            if trial.number != len(trials) and arguments["sampler"] != "grid":
+                # another worker asked in between: this trial's seed would repeat that one's proposal
+                trial.set_user_attr("status", "retry")
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                continue
+            ahead = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number and _counted(t)]
+            if len(ahead) >= total:  # another worker asked first: this one is one too many
+                trial.set_user_attr("status", "surplus")
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                break
+        record = _run_trial(study, trial, source, base, space, metric, higher, search_dir, progress,
+                            arguments["epochs"])
+        _write_outputs(study, space, arguments, search_dir, url)
+        best = _best(study, space)
+        mark = "  (best so far)" if best is not None and best.number == record.number else ""
+        how = {"run": f"{record.time_s:.0f} s", "resumed": f"resumed, {record.time_s:.0f} s"}[source]
+        done = sum(t.state.is_finished() and _counted(t) for t in study.get_trials(deepcopy=False))
+        _say(base, f"  trial {done}/{total} t{record.number:03d} {_shown(space, trial.params)} -> {metric} "
+                   f"{record.score:.4f} ({record.state} after {record.epochs} epoch(s), {how}){mark}  "
+                   f"[{progress.line()}]")
+    table = _write_outputs(study, space, arguments, search_dir, url)
     plot_path = (search_dir / "search.png") if plot else None
-    if is_main_process() and plot_path is not None:
-        plot_search(plot_path, done, space, metric)
-    return SearchResult(done, best, search_dir, csv_path, plot_path, metric)
+    if plot_path is not None:
+        plot_search(plot_path, table, space, metric, higher)
+    return SearchResult(table, _best(study, space), search_dir, search_dir / "search.csv", plot_path, metric,
+                        "maximize" if higher else "minimize", url, study.study_name)
+
+
+def _run_trial(study: Any, trial: Any, source: str, base: TrainConfig, space: list[Dimension], metric: str,
+               higher: bool, search_dir: Path, progress: Progress, epochs: int) -> Trial:
+    """Train one trial, reporting every epoch's metric to the pruner; tell the study how it ended."""
+    import optuna
+    from optuna.trial import TrialState
+
+    params = {d.key: d.text(d.suggest(trial)) for d in space}
+    attrs = trial.user_attrs
+    host_dir = attrs.get("run_dir") if str(attrs.get("worker", "")).startswith(socket.gethostname() + ":") else None
+    run_dir = Path(host_dir) if host_dir else search_dir / f"t{trial.number:03d}"
+    config = _trial_config(base, params, run_dir, epochs)
+    previous_s = float(attrs.get("time_s", 0.0))
+    trial.set_user_attr("run_dir", str(run_dir))
+    trial.set_user_attr("worker", WORKER)
+    trial.set_user_attr("interrupted", False)
+    state, start = run_state(run_dir) if source == "resumed" else ("new", 0)
+    best = dict(attrs.get("best") or {})
+    t0 = time.perf_counter()
+
+    def report(row: dict[str, Any]) -> None:
+        value = row.get(metric)
+        if value is None:
+            raise CnnlabError(f"search metric {metric!r} is not in the epoch rows (they hold "
+                              f"{', '.join(k for k in row if k.startswith('val_')) or 'no validation columns'})")
+        epoch, value = int(row["epoch"]), float(value)
+        trial.report(value, epoch)
+        if not best or (math.isfinite(value) and (value > best["score"] if higher else value < best["score"])):
+            best.update(epoch=epoch, score=value, val_loss=row.get("val_loss"), train_loss=row.get("train_loss"))
+            trial.set_user_attr("best", best)
+            trial.set_user_attr("score", value)
+        trial.set_user_attr("epochs", epoch)
+        trial.set_user_attr("time_s", previous_s + time.perf_counter() - t0)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pruned after epoch {epoch}: {metric} {value:.4f} trails the other trials")
+
+    def finish(tell_state: Any, status: str, value: float | None = None) -> Trial:
+        trial.set_user_attr("status", status)
+        trial.set_user_attr("time_s", previous_s + time.perf_counter() - t0)
+        epochs_now = int(trial.user_attrs.get("epochs", 0))
+        progress.finished(epochs_now, epochs_now - start, time.perf_counter() - t0)
+        if tell_state == TrialState.COMPLETE:
+            study.tell(trial, value)
+        else:
+            study.tell(trial, state=tell_state)
+        return _record(study.get_trials(deepcopy=False)[trial.number], space)
+
+    try:
+        if state != "new":  # epochs checkpointed before the process stopped but not reported: report them first
+            reported = study.get_trials(deepcopy=False)[trial.number].intermediate_values
+            for row in read_history(run_dir):
+                if int(row["epoch"]) not in reported:
+                    report(row)
+        if state != "done":  # "done": trained to the end before the process died, but not told
+            train(config, resume=state == "partial", callbacks=[report])
+    except optuna.TrialPruned:
+        return finish(TrialState.PRUNED, "pruned")
+    except TrainingDiverged as e:  # a too-high learning rate is a result of the search, not an error
+        trial.set_user_attr("error", str(e))
+        return finish(TrialState.FAIL, "diverged")
+    except KeyboardInterrupt:
+        trial.set_user_attr("interrupted", True)  # left running: a resume continues it from its checkpoint
+        trial.set_user_attr("time_s", previous_s + time.perf_counter() - t0)
+        raise
+    except BaseException as e:
+        trial.set_user_attr("error", f"{type(e).__name__}: {e}")
+        finish(TrialState.FAIL, "failed")
+        raise
+    if not best or not math.isfinite(best["score"]):
+        return finish(TrialState.FAIL, "diverged")
+    return finish(TrialState.COMPLETE, "complete", best["score"])
+
+
+def _state(t: Any) -> str:
+    from optuna.trial import TrialState
+
+    if t.state == TrialState.RUNNING:
+        return "interrupted" if t.user_attrs.get("interrupted") else "running"
+    if t.state == TrialState.FAIL:
+        status = t.user_attrs.get("status")
+        return status if status in ("diverged", "surplus", "retry") else "failed"
+    return t.state.name.lower()
+
+
+def _record(t: Any, space: list[Dimension]) -> Trial:
+    """A study's FrozenTrial as a table row."""
+    best = t.user_attrs.get("best") or {}
+    num = lambda v: math.nan if v is None else float(v)  # noqa: E731
+    dims = {d.key: d for d in space}
+    return Trial(t.number, {k: dims[k].text(v) if k in dims else str(v) for k, v in t.params.items()}, _state(t),
+                 int(t.user_attrs.get("epochs", 0)), num(best.get("score")), int(best.get("epoch", 0)),
+                 num(best.get("val_loss")), num(best.get("train_loss")), float(t.user_attrs.get("time_s", 0.0)),
+                 str(t.user_attrs.get("run_dir", "")), str(t.user_attrs.get("worker", "")),
+                 {int(k): float(v) for k, v in t.intermediate_values.items()})
+
+
+def _best(study: Any, space: list[Dimension]) -> Trial | None:
+    """The best complete trial (a pruned one trained less: it never wins)."""
+    from optuna.trial import TrialState
+
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not done:
+        return None
+    pick = max if study.direction.name == "MAXIMIZE" else min
+    return _record(pick(done, key=lambda t: t.value), space)  # ties: the first (max/min keep the first)
+
+
+def _shown(space: list[Dimension], params: dict[str, Any]) -> str:
+    return " ".join(f"{d.key}={d.text(params[d.key])}" for d in space if d.key in params)
+
+
+def _write_outputs(study: Any, space: list[Dimension], arguments: dict[str, Any], search_dir: Path,
+                   url: str) -> list[Trial]:
+    """search.csv and best.json from the study (every worker's trials)."""
+    table = [_record(t, space) for t in study.get_trials(deepcopy=False)
+             if t.user_attrs.get("status") not in ("surplus", "retry") and t.state.name != "WAITING"]
+    for t in table:
+        t.params = {d.key: t.params.get(d.key, "") for d in space}
+    write_table(search_dir / "search.csv", table, [d.key for d in space])
+    best = _best(study, space)
+    atomic_write_text(search_dir / "best.json", dumps_json(
+        {"metric": arguments["metric"], "direction": study.direction.name.lower(),
+         "score": best.score if best else None, "trial": best.number if best else None, "params": best.params if best else None,
+         "run_dir": best.run_dir if best else None, "trials_done": sum(t.state not in ("running", "interrupted")
+                                                                          for t in table),
+         "trials_planned": arguments["trials"], "storage": url, "study_name": study.study_name}, indent=2))
+    return table
 
 
 def resume_search(search_dir: str | Path, *, quiet: bool | None = None, plot: bool = True) -> SearchResult:
-    """Continue the search in ``search_dir`` with the arguments saved in its ``search.json``.
+    """Continue (or join, as one more worker) the search in ``search_dir`` with the arguments in its ``search.json``.
 
-    Finished trials (``results.json`` in their folder) are read back without training, an
-    interrupted one continues from its last checkpoint, the others run; the table ends as an
-    uninterrupted search's would (same proposals, scores and best).
+    Finished trials stay as they are, an interrupted one continues from its last checkpoint, the
+    others are proposed and trained until the study holds its ``trials``.
     """
     search_dir = Path(search_dir)
     saved = load_arguments(search_dir)
@@ -346,10 +654,11 @@ def resume_search(search_dir: str | Path, *, quiet: bool | None = None, plot: bo
     base.out_dir, base.name = str(search_dir.parent), search_dir.name
     if quiet is not None:
         base.quiet = quiet
-    space = [_dim_from_dict(d) for d in saved["space"]]
-    return search(base, space, strategy=saved["strategy"], trials=saved["trials"], epochs=saved["epochs"],
-                  metric=saved["metric"], shrink=saved["shrink"], grid_points=saved["grid_points"], seed=saved["seed"],
-                  name=search_dir.name, plot=plot, resume=True)
+    space = [Dimension.from_dict(d) for d in saved["space"]]
+    return search(base, space, sampler=saved["sampler"], pruner=saved["pruner"], trials=saved["trials"],
+                  epochs=saved["epochs"], min_epochs=saved["min_epochs"], reduction_factor=saved["reduction_factor"],
+                  metric=saved["metric"], grid_points=saved["grid_points"], seed=saved["seed"], name=search_dir.name,
+                  storage=saved.get("storage"), study_name=saved.get("study_name"), plot=plot, resume=True)
 
 
 def prepare_base(base: TrainConfig) -> TrainConfig:
@@ -357,157 +666,105 @@ def prepare_base(base: TrainConfig) -> TrainConfig:
     base = copy.deepcopy(base)
     if base.data.val_fraction == 0:
         base.data.val_fraction = 0.1  # trials are compared on held-out training images, never on the test split
-        if not base.quiet and is_main_process():
+        if not base.quiet:
             print("search: no validation split configured; holding out data.val_fraction=0.1 of the training set")
     return base
+
+
+ARGUMENT_KEYS = ("space", "sampler", "pruner", "trials", "epochs", "min_epochs", "reduction_factor", "metric",
+                 "grid_points", "seed", "base")
 
 
 def load_arguments(search_dir: Path) -> dict[str, Any]:
     """The arguments a search saved in ``search_dir/search.json``."""
     saved = read_json(Path(search_dir) / "search.json", "a search folder")
-    missing = [k for k in ("space", "strategy", "trials", "epochs", "metric", "shrink", "grid_points", "seed", "base")
-               if k not in saved]
+    missing = [k for k in ARGUMENT_KEYS if k not in saved]
     if missing:
-        raise CnnlabError(f"{search_dir / 'search.json'} lacks {', '.join(missing)}; it cannot be resumed")
+        raise CnnlabError(f"{Path(search_dir) / 'search.json'} lacks {', '.join(missing)}; it cannot be resumed "
+                          "(a search of cnnlab < 0.3, before Optuna, or not a search folder)")
     return saved
 
 
 # config fields a trial overrides (or that only change what is printed): a resume may differ in them
-IGNORED_BASE_KEYS = ("out_dir", "name", "quiet", "plots", "epochs")
+IGNORED_BASE_KEYS = ("out_dir", "name", "quiet", "plots", "epochs", "device", "threads", "data.root",
+                     "data.download", "data.num_workers")
 
 
 def argument_conflicts(saved: dict[str, Any], given: dict[str, Any]) -> list[str]:
     """``name (saved a, given b)`` for each search argument (or base config key) that differs."""
     out = []
-    for key in ("strategy", "trials", "epochs", "metric", "shrink", "grid_points", "seed"):
-        if saved[key] != given[key]:
-            out.append(f"{key} (saved {saved[key]!r}, given {given[key]!r})")
-    if saved["space"] != given["space"]:
-        show = lambda dims: "; ".join(_dim_from_dict(d).describe() for d in dims)  # noqa: E731
-        out.append(f"space (saved {show(saved['space'])}, given {show(given['space'])})")
-    out += [f"base config {d}" for d in config_differences(saved["base"], given["base"], IGNORED_BASE_KEYS)]
+    for key in ARGUMENT_KEYS[1:-1]:
+        if saved.get(key) != given[key]:
+            out.append(f"{key} (saved {saved.get(key)!r}, given {given[key]!r})")
+    if saved.get("space") != given["space"]:
+        show = lambda dims: "; ".join(Dimension.from_dict(d).describe() for d in dims or [])  # noqa: E731
+        out.append(f"space (saved {show(saved.get('space'))}, given {show(given['space'])})")
+    if "base" in saved:
+        out += [f"base config {d}" for d in config_differences(saved["base"], given["base"], IGNORED_BASE_KEYS)]
     return out
 
 
-def _dim_to_dict(d: Dimension) -> dict[str, Any]:
-    return {"key": d.key, "kind": d.kind, "low": float(d.low), "high": float(d.high), "choices": list(d.choices),
-            "bounds": list(d.bounds) if d.bounds is not None else None}
-
-
-def _dim_from_dict(d: dict[str, Any]) -> Dimension:
-    return Dimension(d["key"], d["kind"], float(d["low"]), float(d["high"]), tuple(d["choices"]),
-                     tuple(d["bounds"]) if d.get("bounds") is not None else None)  # type: ignore[arg-type]
-
-
 def _say(config: TrainConfig, text: str) -> None:
-    if not config.quiet and is_main_process():
+    if not config.quiet:
         print(text, flush=True)
 
 
-def _trial_config(base: TrainConfig, params: dict[str, str], epochs: int, search_dir: Path, r: int, i: int) -> TrainConfig:
+def _trial_config(base: TrainConfig, params: dict[str, str], run_dir: Path, epochs: int) -> TrainConfig:
     config = copy.deepcopy(base)
     apply_overrides(config, [f"{k}={v}" for k, v in params.items()])  # type-checked: a bad value fails before training
-    config.epochs, config.out_dir, config.name = epochs, str(search_dir), f"r{r}-t{i:02d}"
+    config.epochs, config.out_dir, config.name = epochs, str(run_dir.parent), run_dir.name
     config.quiet, config.plots = True, False
     return config
 
 
-def _get_trial(config: TrainConfig, params: dict[str, str], r: int, i: int, metric: str,
-               resume: bool) -> tuple[Trial, int]:
-    """(the trial, epochs trained now): read back when finished before, continued when interrupted, else run."""
-    trial = Trial(r, i, params, config.epochs, Path(config.out_dir) / config.name)
-    state, start = run_state(trial.run_dir) if resume else ("new", 0)
-    marker = trial.run_dir / "diverged.json"
-    if resume and state == "done":
-        trial.source = "read"
-        _score(trial, read_history(trial.run_dir), metric)
-        trial.time_s = float(read_json(trial.run_dir / "results.json", "a finished run").get("wall_s", 0.0))
-        return trial, 0
-    if resume and marker.is_file():  # a diverged trial is a result: not retrained
-        trial.source, trial.status = "read", "diverged"
-        trial.time_s = float(read_json(marker, "a diverged trial's record").get("time_s", 0.0))
-        return trial, 0
-    t0 = time.perf_counter()
-    try:
-        if state == "partial":
-            trial.source = "resumed"
-            result = train(config, resume=True)
-        else:
-            result = train(config)
-    except TrainingDiverged as e:
-        trial.status = "diverged"  # a too-high learning rate is a result of the search, not an error
-        trial.time_s = time.perf_counter() - t0
-        if is_main_process():
-            trial.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(marker, json.dumps({"error": str(e), "time_s": trial.time_s}, indent=2))
-        return trial, config.epochs - start
-    _score(trial, result.history, metric)
-    trial.time_s = time.perf_counter() - t0
-    return trial, len(result.history) - start
-
-
-def _score(trial: Trial, history: list[dict[str, Any]], metric: str) -> None:
-    """Fill the trial's score and metrics from its best epoch by ``metric``."""
-    trial.status, trial.history = "ok", history
-    rows = [row for row in history if row.get(metric) is not None]
-    pick = max if metric == "val_acc" else min
-    row = pick(rows, key=lambda row: row[metric])
-    trial.score, trial.best_epoch = float(row[metric]), int(row["epoch"])
-    trial.val_acc, trial.val_loss, trial.train_loss = float(row["val_acc"]), float(row["val_loss"]), float(row["train_loss"])
-    if not math.isfinite(trial.score):
-        trial.status, trial.score = "diverged", math.nan
-
-
-TABLE_COLUMNS = ("round", "trial", "epochs", "status", "score", "val_acc", "val_loss", "train_loss", "best_epoch", "time_s", "run_dir")
+TABLE_COLUMNS = ("trial", "state", "epochs", "score", "best_epoch", "val_loss", "train_loss", "time_s", "worker", "run_dir")
 
 
 def write_table(path: Path, trials: Sequence[Trial], keys: Sequence[str]) -> Path:
-    """One CSV row per trial: its parameters, scores and run folder."""
+    """One CSV row per trial: its parameters, how it ended, its scores and run folder."""
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["round", "trial", *keys, *TABLE_COLUMNS[2:]])
+    writer.writerow(["trial", *keys, *TABLE_COLUMNS[1:]])
     for t in trials:
-        writer.writerow([t.round, t.index, *(t.params.get(k, "") for k in keys), t.epochs, t.status,
-                         *(f"{v:.6g}" for v in (t.score, t.val_acc, t.val_loss, t.train_loss)), t.best_epoch,
-                         f"{t.time_s:.1f}", t.run_dir])
+        writer.writerow([t.number, *(t.params.get(k, "") for k in keys), t.state, t.epochs,
+                         *(f"{v:.6g}" for v in (t.score,)), t.best_epoch,
+                         *(f"{v:.6g}" for v in (t.val_loss, t.train_loss)), f"{t.time_s:.1f}", t.worker, t.run_dir])
     return atomic_write_text(path, buf.getvalue())
 
 
-def plot_search(path: Path, trials: Sequence[Trial], space: Sequence[Dimension], metric: str) -> Path:
-    """Score against each searched value (one panel per key, colour = round) and the last round's loss curves."""
+def plot_search(path: Path, trials: Sequence[Trial], space: Sequence[Dimension], metric: str, higher: bool) -> Path:
+    """Score against each searched value (filled: complete, hollow: pruned) and every trial's metric per epoch."""
     plt = pyplot()
-
     n = len(space) + 1
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.8), squeeze=False)
-    rounds = sorted({t.round for t in trials})
-    colors = plt.get_cmap("viridis")
-    ok = [t for t in trials if t.status == "ok"]
+    scored = [t for t in trials if t.state in ("complete", "pruned") and math.isfinite(t.score)]
+    done = [t for t in scored if t.state == "complete"]
+    best = (max if higher else min)(done, key=lambda t: t.score) if done else None
     for ax, dim in zip(axes[0], space):
-        categories = sorted({t.params[dim.key] for t in trials}) if dim.kind == "choice" else []
-        for r in rounds:
-            pts = [t for t in ok if t.round == r]
+        categories = list(dim.choices) if dim.kind == "choice" else []
+        for state, style in (("complete", {"color": "C0"}), ("pruned", {"facecolors": "none", "edgecolors": "C1"})):
+            pts = [t for t in scored if t.state == state]
             xs = [categories.index(t.params[dim.key]) if categories else float(t.params[dim.key]) for t in pts]
-            ax.scatter(xs, [t.score for t in pts], color=colors(r / max(len(rounds), 1) * 0.85), label=f"round {r}", s=28)
+            ax.scatter(xs, [t.score for t in pts], s=28, label=state, **style)
         if categories:
             ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right")
         elif dim.log:
             ax.set_xscale("log")
         ax.set_xlabel(dim.key)
-        ax.set_ylabel(metric)
+        ax.set_ylabel(f"{metric} (best epoch)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     ax = axes[0][-1]
-    last = [t for t in ok if t.round == rounds[-1]]
-    best = min(last, key=lambda t: -t.score if metric == "val_acc" else t.score) if last else None
-    for t in last:
-        epochs = [row["epoch"] for row in t.history]
-        ax.plot(epochs, [row["val_loss"] for row in t.history], "-", lw=2.5 if t is best else 0.8,
-                label=f"t{t.index:02d} val" if t is best else None)
-        if t is best:
-            ax.plot(epochs, [row["train_loss"] for row in t.history], "--", lw=1.5, label=f"t{t.index:02d} train")
-    ax.set_title(f"round {rounds[-1]} loss curves (best bold)")
+    for t in trials:
+        if t.curve:
+            steps = sorted(t.curve)
+            bold = best is not None and t.number == best.number
+            ax.plot(steps, [t.curve[s] for s in steps], "-o", ms=2, lw=2.5 if bold else 0.8,
+                    color="C3" if bold else ("C1" if t.state == "pruned" else "C0"), alpha=1 if bold else 0.6,
+                    label=f"t{t.number:03d} (best)" if bold else None)
+    ax.set_title("each trial per epoch (pruned: orange)")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
+    ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     if best is not None:
         ax.legend(fontsize=8)

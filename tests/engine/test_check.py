@@ -1,0 +1,73 @@
+"""cnnlab check on real small data: a model that learns passes all three checks; a broken setup fails check 2."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from cnnlab._errors import CnnlabError
+from cnnlab.engine import TrainConfig
+from cnnlab.engine.check import check, check_config
+from cnnlab.engine.config import apply_overrides
+
+SMALL = ["model.name=simple_cnn_bn", "data.name=digits", 'model.options={"hidden": [32]}', "data.batch_size=64",
+         "device=cpu", "threads=1"]
+
+
+def _config(*extra: str) -> TrainConfig:
+    return apply_overrides(TrainConfig(), [*SMALL, *extra])
+
+
+@pytest.fixture(scope="module")
+def learns(tmp_path_factory):
+    plot = tmp_path_factory.mktemp("check") / "lr.png"
+    return check(_config(), sample_size=16, overfit_steps=150, lr_steps=60, plot_path=plot, say=lambda s: None)
+
+
+def test_a_model_that_learns_passes(learns):
+    initial, overfit, lr = learns.steps
+    assert [s.verdict for s in learns.steps[:2]] == ["PASS", "PASS"] and lr.verdict in ("PASS", "WARN")
+    # 1: ten classes, so an unsure model's cross-entropy is ln 10 = 2.3026; BN nets start within a few percent
+    assert initial.numbers["expected"] == pytest.approx(math.log(10))
+    assert abs(initial.numbers["loss"] - math.log(10)) < 0.1 * math.log(10)
+    assert initial.numbers["after"] < initial.numbers["loss"]
+    # 2: 2 x 16 images fitted: the loss at a tenth of its start or less, every image right
+    assert overfit.numbers["images"] == 32 and overfit.numbers["ratio"] <= 0.1
+    assert overfit.numbers["train_acc"] == 1.0 and overfit.numbers["steps"] <= 150
+    # 3: an exponential sweep from 1e-6; the smoothed loss fell by >10%, the suggestion is a tenth of its minimum
+    lrs = learns.lrs
+    assert lrs[0] == pytest.approx(1e-6) and all(b / a == pytest.approx(lrs[1] / lrs[0]) for a, b in zip(lrs, lrs[1:]))
+    low = min(range(len(learns.smoothed)), key=learns.smoothed.__getitem__)
+    assert learns.suggested_lr == pytest.approx(lrs[low] / 10) and lr.numbers["drop"] > 0.02
+    assert 1e-4 < learns.suggested_lr < 1.0  # SGD with momentum on a BN net: rates of 1e-3..1e-1 train it
+    assert learns.plot_path.stat().st_size > 10_000
+    assert not learns.failed
+
+
+def test_a_far_too_small_rate_fails_the_overfit_check():
+    """lr 1e-9: the model cannot move, so 2 batches are not fitted (the range test still finds a working rate)."""
+    result = check(_config("optim.lr=1e-9"), sample_size=16, overfit_steps=40, lr_steps=40, say=lambda s: None)
+    initial, overfit, lr = result.steps
+    assert overfit.verdict == "FAIL" and overfit.numbers["ratio"] > 0.99 and overfit.numbers["lr"] == 1e-9
+    assert initial.verdict == "FAIL"  # it does not fall either
+    assert result.failed and result.suggested_lr is not None and result.suggested_lr > 1e-5
+
+
+def test_a_frozen_model_fails():
+    frozen = _config('model.freeze=["stages", "dense", "fc"]')
+    result = check(frozen, sample_size=16, overfit_steps=20, lr_steps=20, say=lambda s: None)
+    assert [s.verdict for s in result.steps] == ["FAIL"] * 3
+    assert "no trainable parameters" in result.steps[1].message
+
+
+def test_check_config_turns_off_augmentation_and_regularisation():
+    config = _config("data.flip=true", "data.mixup=0.2", "optim.weight_decay=0.01", "optim.label_smoothing=0.1")
+    clean = check_config(config)
+    assert (clean.data.flip, clean.data.mixup, clean.optim.weight_decay, clean.optim.label_smoothing) == (False, 0, 0, 0)
+    assert clean.data.batch_size == 64 and clean.optim.schedule == "constant"
+    assert config.data.flip  # the caller's config is left alone
+    for kwargs, message in [({"lr_steps": 3}, "lr_steps must be a whole number >= 10"),
+                            ({"lr_min": 1.0, "lr_max": 0.1}, "0 < lr_min < lr_max"),
+                            ({"overfit_steps": 0}, "overfit_steps must be")]:
+        with pytest.raises(CnnlabError, match=message):
+            check(config, **kwargs)
