@@ -4,12 +4,13 @@ He et al. 2016 ("Deep Residual Learning", Fig. 1 and Fig. 6): on CIFAR-10 the pl
 a *higher training error* than the plain 20-layer one (so it is not overfitting: optimisation gets
 harder), while the residual 56-layer net trains better than the residual 20-layer one.
 ``depth_study`` reruns that comparison on a small bundled dataset with the nets of
-:func:`cnnlab.analysis.demos.cifar_cnn` and a compact training loop (an experiment, not the engine).
+:func:`cnnlab.analysis.demos.cifar_cnn`, each trained by the shared engine (:func:`cnnlab.engine.train`).
 """
 from __future__ import annotations
 
 import math
-import time
+import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,8 +34,10 @@ class DepthRecipe:
         batch_size: images per SGD step (He et al.: 128).
         lr: peak learning rate (He et al.: 0.1), reached after ``warmup_epochs`` of linear warm-up,
             then cosine-decayed to 0 (He et al. divide by 10 twice; cosine needs no milestones).
-        momentum, weight_decay: SGD's (He et al.: 0.9 and 1e-4).
-        warmup_epochs: linear warm-up from 0 (He et al. warm up ResNet-110 at lr 0.01).
+        momentum, weight_decay: SGD's (He et al.: 0.9 and 1e-4; plain momentum, not Nesterov). The engine
+            decays the conv and linear weights only, not biases and BatchNorm's scales and shifts.
+        warmup_epochs: linear warm-up from 0 over ``int(warmup_epochs * steps per epoch)`` steps (He et al.
+            warm up ResNet-110 at lr 0.01).
         width: channels of the first stage (He et al.: 16; stages are width, 2 width, 4 width).
         train_size: use the first ``train_size`` images of a fixed shuffle of the training split (None: all).
         image_size: resize the images to this side first (area averaging; None: as stored). 14 makes the
@@ -75,7 +78,8 @@ class DepthRecipe:
 @dataclass
 class NetRun:
     """One trained net: per-epoch training loss and error (mean over the epoch's batches, in train mode, as in
-    He et al.'s curves) and test error (eval mode, after the epoch)."""
+    He et al.'s curves: the engine's ``train_loss`` and 1 - ``train_acc``) and test error (eval mode, after the
+    epoch). ``run_dir``: the engine's run folder of this net (None once a temporary one is removed)."""
 
     residual: bool
     depth: int
@@ -84,6 +88,7 @@ class NetRun:
     train_error: list[float] = field(default_factory=list)
     test_error: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    run_dir: str | None = None
 
     @property
     def name(self) -> str:
@@ -161,10 +166,15 @@ class DepthStudy:
         return save_figure(fig, path, dpi=110)
 
 
-def _load(data: str, train_size: int | None, image_size: int | None,
-          seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Float images normalised by the training mean/std per channel, and labels."""
+# The engine picks the task from config.task when it is given a module; config.model.name must still be a
+# registered name (it is saved in the run folder's meta, so `cnnlab eval` cannot rebuild these nets from it).
+ENGINE_MODEL_NAME = "fmnist_net"
+
+
+def _load(data: str, train_size: int | None, image_size: int | None, seed: int):
+    """Float images in [0, 1] (area-resized), labels, and the per-channel Normalize of the training images."""
     from cnnlab.data.datasets import load_dataset
+    from cnnlab.data.preprocess import Normalize
 
     if data not in DATASETS:
         raise CnnlabError(f"data must be one of {', '.join(DATASETS)} (bundled, no download), got {data!r}")
@@ -177,64 +187,84 @@ def _load(data: str, train_size: int | None, image_size: int | None,
         x, y = x[keep], y[keep]
     x, x_test = x.float() / 255, ds.test_images.float() / 255
     if image_size is not None and image_size != x.shape[-1]:
+        # area averaging of the float images (the engine's data.image_size resizes uint8 bilinearly)
         x, x_test = (nn.functional.interpolate(t, size=(image_size, image_size), mode="area") for t in (x, x_test))
-    mean, std = x.mean((0, 2, 3), keepdim=True), x.std((0, 2, 3), keepdim=True).clamp_min(1e-6)
-    return (x - mean) / std, y, (x_test - mean) / std, ds.test_labels
+    mean, std = x.mean((0, 2, 3)), x.std((0, 2, 3)).clamp_min(1e-6)
+    return x, y, x_test, ds.test_labels, Normalize(tuple(mean.tolist()), tuple(std.tolist()))
 
 
-@torch.no_grad()
-def _test_error(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
-    model.eval()
-    wrong = sum(int((model(x[i:i + batch_size]).argmax(1) != y[i:i + batch_size]).sum())
-                for i in range(0, len(x), batch_size))
-    return wrong / len(x)
-
-
-def _train(model: nn.Module, run: NetRun, x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
-           recipe: DepthRecipe, bar) -> None:
+def _bundle(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor, norm, recipe: DepthRecipe):
+    """The engine's DataBundle: the same shuffled full batches, in the same order, for every net of the study."""
     from cnnlab.data.loader import TensorLoader
+    from cnnlab.engine.data_setup import DataBundle
 
-    loader = TensorLoader(x, y, recipe.batch_size, shuffle=True, drop_last=True, seed=recipe.seed)
-    steps = recipe.epochs * len(loader)
-    warmup = recipe.warmup_epochs * len(loader)
-    opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                          weight_decay=recipe.weight_decay)
-    step, start = 0, time.perf_counter()
-    for epoch in range(recipe.epochs):
-        loader.set_epoch(epoch)  # the same batches, in the same order, for every net
-        model.train()
-        loss_sum = wrong = seen = 0.0
-        for xb, yb in loader:
-            # linear warm-up, then cosine to 0, per step
-            if step < warmup:
-                scale = (step + 1) / warmup
-            else:
-                scale = 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
-            for g in opt.param_groups:
-                g["lr"] = recipe.lr * scale
-            logits = model(xb)
-            loss = nn.functional.cross_entropy(logits, yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise CnnlabError(f"{run.name}: training loss became {loss_value} at epoch {epoch + 1}; lower lr")
-            loss_sum += loss_value * len(yb)
-            wrong += float((logits.detach().argmax(1) != yb).sum())
-            seen += len(yb)
-        run.train_loss.append(loss_sum / seen)
-        run.train_error.append(wrong / seen)
-        run.test_error.append(_test_error(model, x_test, y_test, 500))
+    classes = [str(c) for c in range(int(y.max()) + 1)]
+    # TensorLoader's order of epoch e depends on (seed, e) only, and the engine calls set_epoch before each epoch
+    train = TensorLoader(x, y, recipe.batch_size, shuffle=True, drop_last=True, preprocess=norm, seed=recipe.seed)
+    test = TensorLoader(x_test, y_test, 500, preprocess=norm)
+    return DataBundle(train, None, test, classes, tuple(x.shape[1:]), norm,
+                      {"kind": "standard", "mean": list(norm.mean), "std": list(norm.std)})
+
+
+def _config(recipe: DepthRecipe, data: str, out_dir: Path, name: str, plots: bool):
+    """The study's recipe as an engine TrainConfig: SGD with momentum, linear warm-up then cosine to 0, per step."""
+    from cnnlab.engine.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
+
+    # lr_factor's cosine is 0.5 (1 + cos(pi t)) over the steps after warm-up: to 0 at the end, as the study's
+    optim = OptimConfig(optimizer="sgd", lr=recipe.lr, momentum=recipe.momentum, nesterov=False,
+                        weight_decay=recipe.weight_decay, schedule="cosine", warmup_epochs=recipe.warmup_epochs)
+    # contiguous tensors: the nets are tiny, and the batches (TensorLoader without channels_last) are NCHW
+    model = ModelConfig(name=ENGINE_MODEL_NAME, channels_last=False)
+    # data= replaces the loaders: these fields only describe them in the run's config.json
+    data_config = DataConfig(name=data, download=False, batch_size=recipe.batch_size, eval_batch_size=500,
+                             image_size=recipe.image_size, train_limit=recipe.train_size or 0)
+    return TrainConfig(model=model, data=data_config, optim=optim, epochs=recipe.epochs, seed=recipe.seed,
+                       device="cpu", amp="none", out_dir=str(out_dir), name=name, plots=plots, quiet=True,
+                       task="classification")
+
+
+def _train(model: nn.Module, run: NetRun, bundle, recipe: DepthRecipe, data: str, out_dir: Path, plots: bool,
+           bar) -> None:
+    from cnnlab.engine import train
+    from cnnlab.engine.evaluate import evaluate
+    from cnnlab.engine.trainer import TrainingDiverged
+
+    def after_epoch(row: dict) -> None:
+        # the engine's row: mean loss and accuracy over the epoch's batches in train mode; the test error is
+        # measured in eval mode after each epoch (the engine itself tests only once, at the end)
+        run.train_loss.append(row["train_loss"])
+        run.train_error.append(1 - row["train_acc"])
+        test = evaluate(model, bundle.test, bundle.num_classes)
+        run.test_error.append((test.count - int(test.confusion.trace())) / test.count)  # counts, not float32
         bar.set_postfix_str(f"{run.name} loss {run.train_loss[-1]:.3f}")
         bar.update(1)
-    run.seconds = time.perf_counter() - start
+
+    config = _config(recipe, data, out_dir, run.name, plots)
+    try:
+        result = train(config, data=bundle, model=model, callbacks=[after_epoch])
+    except TrainingDiverged as e:
+        raise CnnlabError(f"{run.name}: {e}") from None
+    run.seconds = result.wall_s
+    run.run_dir = str(result.run_dir)
+
+
+def _check_out_dir(out_dir: Path, names: list[str]) -> None:
+    """Fail before any training if a net's run folder cannot be written (the engine would only find out later)."""
+    for folder in (out_dir, *out_dir.parents):
+        if folder.exists() and not folder.is_dir():
+            raise CnnlabError(f"out_dir {out_dir}: {folder} is a file, not a folder")
+    existing = next(p for p in (out_dir, *out_dir.parents) if p.is_dir())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CnnlabError(f"out_dir {out_dir}: the folder {existing} is not writable")
+    taken = [n for n in names if (out_dir / n).is_file() or ((out_dir / n).is_dir() and any((out_dir / n).iterdir()))]
+    if taken:
+        raise CnnlabError(f"out_dir {out_dir} already holds {', '.join(taken)}; choose another out_dir or remove them")
 
 
 def depth_study(depths: tuple[int, ...] = (8, 32), data: str = "mnist_5k", epochs: int = 10,
-                recipe: DepthRecipe | None = None, threads: int | None = None, quiet: bool = False) -> DepthStudy:
-    """Train the plain and the residual ``cifar_cnn`` of every depth with the same recipe.
+                recipe: DepthRecipe | None = None, threads: int | None = None, quiet: bool = False,
+                out_dir: str | Path | None = None) -> DepthStudy:
+    """Train the plain and the residual ``cifar_cnn`` of every depth with the same recipe, with the engine.
 
     Args:
         depths: weight layers of each net, 6n + 2 (8, 14, 20, 26, 32, 44, 56, ...).
@@ -243,6 +273,9 @@ def depth_study(depths: tuple[int, ...] = (8, 32), data: str = "mnist_5k", epoch
         recipe: optimiser, schedule, batch, width, subset and seed (default :class:`DepthRecipe`).
         threads: torch CPU threads for this call (restored afterwards); None keeps the current setting.
         quiet: no progress bar.
+        out_dir: keep each net's engine run folder (config.json, metrics.csv, checkpoints, results.json,
+            report.html) in ``out_dir/<net>`` (``plain-8``, ``resnet-8``, ...); None: a temporary folder,
+            removed at the end.
     """
     from tqdm import tqdm
 
@@ -257,12 +290,16 @@ def depth_study(depths: tuple[int, ...] = (8, 32), data: str = "mnist_5k", epoch
             raise CnnlabError(f"every depth must be 6n + 2 with n >= 1 (8, 14, 20, 26, 32, 44, 56, ...), got {d}")
     if threads is not None and threads < 1:
         raise CnnlabError(f"threads must be >= 1, got {threads}")
-    x, y, x_test, y_test = _load(data, recipe.train_size, recipe.image_size, recipe.seed)
-    num_classes = int(y.max()) + 1
+    if out_dir is not None:
+        _check_out_dir(Path(out_dir), [f"{kind}-{d}" for d in depths for kind in ("plain", "resnet")])
+    x, y, x_test, y_test, norm = _load(data, recipe.train_size, recipe.image_size, recipe.seed)
+    bundle = _bundle(x, y, x_test, y_test, norm, recipe)
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     runs: list[NetRun] = []
+    temporary = tempfile.TemporaryDirectory(prefix="cnnlab-depth-") if out_dir is None else None
+    root = Path(temporary.name if temporary is not None else out_dir)
     try:
         with tqdm(total=2 * len(depths) * recipe.epochs, desc="depth study", unit="epoch", disable=quiet,
                   dynamic_ncols=True) as bar:
@@ -270,12 +307,17 @@ def depth_study(depths: tuple[int, ...] = (8, 32), data: str = "mnist_5k", epoch
                 for residual in (False, True):
                     # plain and residual of a depth start from the same weights
                     torch.manual_seed(recipe.seed * 1000 + depth)
-                    model = cifar_cnn(depth, residual, width=recipe.width, in_channels=x.shape[1], num_classes=num_classes)
+                    model = cifar_cnn(depth, residual, width=recipe.width, in_channels=x.shape[1],
+                                      num_classes=bundle.num_classes)
                     run = NetRun(residual, depth, sum(p.numel() for p in model.parameters()))
-                    _train(model, run, x, y, x_test, y_test, recipe, bar)
+                    _train(model, run, bundle, recipe, data, root, plots=temporary is None, bar=bar)
                     runs.append(run)
     finally:
         torch.set_num_threads(previous_threads)
+        if temporary is not None:
+            temporary.cleanup()
+            for run in runs:
+                run.run_dir = None
     seen = len(x) // recipe.batch_size * recipe.batch_size
     return DepthStudy(data, tuple(x.shape[1:]), recipe, runs, seen)
 
@@ -290,8 +332,8 @@ class DepthSetting:
     recipe: DepthRecipe
 
 
-# The setting of docs/analysis.md: over seeds 0-2 plain-44 ends at 4-6% training error and 14-32x the training
-# loss of plain-8, while resnet-44 ends at <= 0.03% and below resnet-8 (about 3 minutes on one core).
+# The setting of docs/analysis.md: over seeds 0-2 plain-44 ends at 2.4-7.6% training error and 8.5-34x the
+# training loss of plain-8, while resnet-44 ends at <= 0.03% and below resnet-8 (about 3 minutes on one core).
 DOCUMENTED = DepthSetting((8, 20, 44), "mnist_5k", 15, DepthRecipe(width=8, image_size=14))
 # The tests' setting (~15 s on one core): the same ordering over seeds 0-7, see tests/analysis/test_depth.py.
 QUICK = DepthSetting((8, 32), "mnist_5k", 5, DepthRecipe(batch_size=64, width=8, image_size=14, train_size=1024))
