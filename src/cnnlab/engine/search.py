@@ -25,14 +25,10 @@ from __future__ import annotations
 import copy
 import csv
 import io
-import json
 import math
 import os
-import re
 import socket
-import sqlite3
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -44,126 +40,17 @@ from cnnlab._io import atomic_write_text, dumps_json
 from cnnlab._plot import pyplot, save_figure
 from cnnlab.engine.config import TrainConfig, apply_overrides, check_run_name
 from cnnlab.engine.resumable import Progress, config_differences, read_history, read_json, run_state
+# re-exported: the space and the study's storage/sampler/pruner live in their own modules, imported from here too
+from cnnlab.engine.search_space import _RANGE, Dimension, parse_dimension, parse_space  # noqa: F401
+from cnnlab.engine.search_study import (  # noqa: F401
+    ARGUMENTS_ATTR, OPTUNA_TABLES, STUDY_FILE, _check_sqlite_file, _grid_sampler_class, _GridSampler, _make_pruner,
+    _make_sampler, _open_study, _refuse_conflicts,
+)
 from cnnlab.engine.trainer import TrainingDiverged, train
 
-_RANGE = re.compile(r"^\s*(uniform|loguniform|int)\s*\(\s*([^,]+?)\s*,\s*([^,]+?)\s*\)\s*$")
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("hyperband", "halving", "none")
-STUDY_FILE = "study.db"
-ARGUMENTS_ATTR = "cnnlab_search"  # the study's user attribute holding the search's arguments
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
-OPTUNA_TABLES = {"studies", "trials", "version_info", "alembic_version"}
-
-
-@dataclass(frozen=True)
-class Dimension:
-    """One searched config field.
-
-    Args:
-        key: a dotted config key (``optim.lr``); kind: ``choice``, ``uniform``, ``loguniform`` or ``int``.
-        low, high: the range of numeric kinds (inclusive); choices: the values of ``choice``, as
-            ``--set`` text (``"sgd"``, ``'{"drop_rate": 0.3}'``).
-    """
-
-    key: str
-    kind: str
-    low: float = 0.0
-    high: float = 0.0
-    choices: tuple[str, ...] = ()
-
-    @property
-    def log(self) -> bool:
-        return self.kind == "loguniform"
-
-    def suggest(self, trial: Any) -> Any:
-        """The trial's value from Optuna (a number, or the choice's text)."""
-        if self.kind == "choice":
-            return trial.suggest_categorical(self.key, list(self.choices))
-        if self.kind == "int":
-            return trial.suggest_int(self.key, int(round(self.low)), int(round(self.high)))
-        return trial.suggest_float(self.key, self.low, self.high, log=self.log)
-
-    def text(self, value: Any) -> str:
-        """A value as exact ``--set`` text (``repr`` of a float round-trips)."""
-        return value if self.kind == "choice" else str(int(value)) if self.kind == "int" else repr(float(value))
-
-    def grid(self, points: int) -> list[Any]:
-        """``points`` evenly spaced values (log-spaced for ``loguniform``), or every choice."""
-        if self.kind == "choice":
-            return list(self.choices)
-        if self.kind == "int":
-            lo, hi = int(round(self.low)), int(round(self.high))
-            return list(dict.fromkeys(round(lo + (hi - lo) * i / max(points - 1, 1)) for i in range(points)))
-        if points == 1:
-            return [math.sqrt(self.low * self.high) if self.log else (self.low + self.high) / 2]
-        lo, hi = (math.log(self.low), math.log(self.high)) if self.log else (self.low, self.high)
-        values = [lo + (hi - lo) * i / (points - 1) for i in range(points)]
-        # the ends exactly: exp(log(x)) can leave the range by an ulp, which Optuna refuses
-        return [self.low, *(float(f"{math.exp(v) if self.log else v:.6g}") for v in values[1:-1]), self.high]
-
-    def describe(self) -> str:
-        if self.kind == "choice":
-            return f"{self.key} in {{{', '.join(self.choices)}}}"
-        return f"{self.key} ~ {self.kind}({self.low:.4g}, {self.high:.4g})"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"key": self.key, "kind": self.kind, "low": float(self.low), "high": float(self.high),
-                "choices": list(self.choices)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Dimension:
-        return cls(d["key"], d["kind"], float(d["low"]), float(d["high"]), tuple(d["choices"]))
-
-
-def parse_dimension(spec: str) -> Dimension:
-    """``key=loguniform(1e-4,1e-1)``, ``key=uniform(0,0.5)``, ``key=int(16,128)``, ``key=a,b,c`` or ``key=[...]``."""
-    if "=" not in spec:
-        raise CnnlabError(f"search parameter {spec!r} must look like key=loguniform(1e-4,1e-1), key=uniform(0,0.5), "
-                          "key=int(16,128) or key=a,b,c")
-    key, text = (s.strip() for s in spec.split("=", 1))
-    match = _RANGE.match(text)
-    call = re.match(r"^\s*([A-Za-z_]\w*)\s*\(.*\)\s*$", text)
-    if not match and call:  # 'foo(1,2)' or 'uniform(1)' would otherwise become the choices 'foo(1' and '2)'
-        kind = call.group(1)
-        known = ("loguniform", "uniform", "int")
-        if kind in known:
-            raise CnnlabError(f"{key}: {kind}(...) needs exactly two numbers, low and high, e.g. {kind}(1,10); "
-                              f"got {text!r}")
-        raise CnnlabError(f"{key}: unknown range {kind!r}{did_you_mean(kind, known)}; expected loguniform(lo,hi), "
-                          "uniform(lo,hi), int(lo,hi) or choices a,b,c")
-    if match:
-        kind, a, b = match.groups()
-        try:
-            low, high = float(a), float(b)
-        except ValueError:
-            raise CnnlabError(f"{key}: {kind} needs two numbers, got {a!r} and {b!r}") from None
-        if not low < high:
-            raise CnnlabError(f"{key}: {kind}({a}, {b}) needs low < high")
-        if kind == "loguniform" and low <= 0:
-            raise CnnlabError(f"{key}: loguniform needs a positive range, got ({a}, {b}); use uniform for ranges with 0")
-        return Dimension(key, kind, low, high)
-    if text.startswith("["):
-        try:
-            values = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise CnnlabError(f"{key}: the choice list {text!r} is not JSON ({e})") from None
-        choices = tuple(v if isinstance(v, str) else json.dumps(v) for v in values)
-    else:
-        choices = tuple(v.strip() for v in text.split(",") if v.strip())
-    if not choices:
-        raise CnnlabError(f"{key}: no values to search; give a range like loguniform(1e-4,1e-1) or choices a,b,c")
-    return Dimension(key, "choice", choices=choices)
-
-
-def parse_space(specs: Sequence[str]) -> list[Dimension]:
-    """Parse ``--param`` specs; keys are checked against the config when a search starts (as ``--set``)."""
-    space = [parse_dimension(s) for s in specs]
-    keys = [d.key for d in space]
-    if not space:
-        raise CnnlabError("nothing to search: give at least one --param key=range, e.g. optim.lr=loguniform(1e-3,1)")
-    if len(set(keys)) != len(keys):
-        raise CnnlabError(f"a key is searched twice: {', '.join(k for k in keys if keys.count(k) > 1)}")
-    return space
 
 
 @dataclass
@@ -294,12 +181,12 @@ def search(base: TrainConfig, space: Sequence[Dimension], *, sampler: str = "tpe
     folder_holds = (search_dir / "search.json").exists() or (search_dir / STUDY_FILE).exists()
     if resume:
         saved = load_arguments(search_dir)
-        _refuse_conflicts(search_dir / "search.json", saved, arguments)
+        _refuse_conflicts(search_dir / "search.json", argument_conflicts(saved, arguments))
     elif folder_holds and storage is None:
         raise CnnlabError(f"{search_dir} already holds a search; continue it with `cnnlab search --resume {search_dir}` "
                           "(search(..., resume=True)) or choose another name")
     study = _open_study(url, study_name, arguments, higher, must_exist=resume and storage is None,
-                        may_join=resume or storage is not None)
+                        may_join=resume or storage is not None, conflicts=argument_conflicts)
     search_dir.mkdir(parents=True, exist_ok=True)
     if not (search_dir / "search.json").exists():
         atomic_write_text(search_dir / "search.json", dumps_json(
@@ -310,125 +197,6 @@ def search(base: TrainConfig, space: Sequence[Dimension], *, sampler: str = "tpe
         _say(base, f"search interrupted; search.csv holds the finished trials. Continue it with: "
                    f"cnnlab search --resume {search_dir}")
         raise
-
-
-def _open_study(url: str, study_name: str, arguments: dict[str, Any], higher: bool, *, must_exist: bool,
-                may_join: bool):
-    """The study, created or loaded; a file or study that is not this search's is refused before anything is written."""
-    import optuna
-    import sqlalchemy.exc
-
-    existing_file = False
-    if url.startswith("sqlite:///"):
-        path = Path(url.removeprefix("sqlite:///"))
-        existing_file = path.exists()
-        if existing_file:
-            _check_sqlite_file(path)
-        elif must_exist:
-            raise CnnlabError(f"{path} does not exist: the search folder holds no study to resume")
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # cnnlab prints its own line per trial
-    try:
-        # skip_table_creation: Optuna would otherwise add its tables to a file of another Optuna version
-        store = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}} if
-                                           url.startswith("sqlite") else None, skip_table_creation=existing_file)
-        names = optuna.study.get_all_study_names(store)
-    except (sqlalchemy.exc.SQLAlchemyError, RuntimeError, ImportError, ValueError) as e:
-        raise CnnlabError(f"search storage {url}: cannot be opened as an Optuna study ({type(e).__name__}: {e})") from None
-    if study_name in names:
-        study = optuna.load_study(study_name=study_name, storage=store)
-        saved = study.user_attrs.get(ARGUMENTS_ATTR)
-        if saved is None:
-            raise CnnlabError(f"search storage {url}: study {study_name!r} was not made by cnnlab search; "
-                              "choose another study name or storage")
-        _refuse_conflicts(f"study {study_name!r} in {url}", saved, arguments)
-        if not may_join:
-            raise CnnlabError(f"search storage {url} already holds study {study_name!r}; continue it with "
-                              "resume=True (cnnlab search --resume DIR) or choose another name")
-        return study
-    if existing_file and names:
-        raise CnnlabError(f"search storage {url} holds other studies ({', '.join(names)}), not {study_name!r}: it "
-                          "belongs to another search; choose another folder or pass its study name")
-    if must_exist:
-        raise CnnlabError(f"search storage {url} holds no study {study_name!r} to resume")
-    study = optuna.create_study(storage=store, study_name=study_name,
-                                direction="maximize" if higher else "minimize")
-    study.set_user_attr(ARGUMENTS_ATTR, arguments)
-    return study
-
-
-def _check_sqlite_file(path: Path) -> None:
-    """Refuse a file that is not an Optuna SQLite database, reading it only (opening it with Optuna would write)."""
-    with open(path, "rb") as f:
-        header = f.read(16)
-    if header != b"SQLite format 3\x00":
-        raise CnnlabError(f"{path} is not an Optuna study (not a SQLite database); it was left as it is. Move it "
-                          "away or choose another search folder")
-    try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        finally:
-            db.close()
-    except sqlite3.DatabaseError as e:
-        raise CnnlabError(f"{path} cannot be read as a SQLite database ({e}); it was left as it is") from None
-    if not OPTUNA_TABLES <= tables:
-        raise CnnlabError(f"{path} is a SQLite database but not an Optuna study (its tables: "
-                          f"{', '.join(sorted(tables)) or 'none'}); it was left as it is")
-
-
-def _refuse_conflicts(where: Any, saved: dict[str, Any], given: dict[str, Any]) -> None:
-    conflicts = argument_conflicts(saved, given)
-    if conflicts:
-        raise CnnlabError(f"{where} belongs to another search (other arguments: {'; '.join(conflicts)}); it was "
-                          "left as it is. Resume with the saved arguments (cnnlab search --resume DIR reads them) "
-                          "or choose another folder, storage or study name")
-
-
-def _make_sampler(arguments: dict[str, Any], space: list[Dimension], seed: int):
-    import optuna
-
-    kind = arguments["sampler"]
-    if kind == "grid":
-        # grid point n is trial n of one seeded shuffle: the same seed for every trial
-        return _GridSampler({d.key: d.grid(arguments["grid_points"]) for d in space}, seed=arguments["seed"])
-    if kind == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    # Optuna's default of 10 random trials first would leave a short search all random
-    startup = min(10, max(2, arguments["trials"] // 3))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # multivariate is marked experimental
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True)
-
-
-def _grid_sampler_class():
-    import optuna
-
-    class GridSampler(optuna.samplers.GridSampler):
-        """Optuna's grid sampler, used with ask/tell: the trial count ends the search, not ``study.stop()``
-        (which Optuna allows only inside ``study.optimize``)."""
-
-        def after_trial(self, study, trial, state, values) -> None:
-            pass
-
-    return GridSampler
-
-
-def _GridSampler(search_space: dict[str, list[Any]], seed: int):  # noqa: N802 - a class built lazily (optuna import)
-    return _grid_sampler_class()(search_space, seed=seed)
-
-
-def _make_pruner(arguments: dict[str, Any]):
-    import optuna
-
-    kind, low, factor = arguments["pruner"], arguments["min_epochs"], arguments["reduction_factor"]
-    if kind == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=low, max_resource=arguments["epochs"],
-                                              reduction_factor=factor)
-    if kind == "halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=low, reduction_factor=factor)
-    return optuna.pruners.NopPruner()
 
 
 def _counted(t: Any) -> bool:
