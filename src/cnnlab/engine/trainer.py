@@ -176,7 +176,10 @@ def _train(config: TrainConfig, resume: bool, callbacks: Sequence[EpochCallback]
     task.prepare(data)
     if given_model is not None and not isinstance(given_model, nn.Module):
         raise CnnlabError(f"train(model=...) takes an nn.Module, got {type(given_model).__name__}")
-    model = given_model or task.build_model(config, data, None if ckpt else config.model.weights)
+    if given_model is not None:  # (not `or`: a Sequential's truth is its length)
+        model = given_model
+    else:
+        model = task.build_model(config, data, None if ckpt else config.model.weights)
     if config.model.freeze:
         freeze(model, config.model.freeze)
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
