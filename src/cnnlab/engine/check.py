@@ -280,8 +280,8 @@ def _overfit(task: Task, config: TrainConfig, data: Any, device: torch.device, a
     if math.isfinite(ratio) and ratio <= 0.1:
         return StepVerdict(name, "PASS", text, numbers)
     if math.isfinite(ratio) and ratio <= 0.5:
-        return StepVerdict(name, "WARN", text + f" - it learns, but slowly: more steps or a higher rate "
-                                                f"(step 3)", numbers)
+        return StepVerdict(name, "WARN", text + " - it learns, but slowly: more steps or a higher rate "
+                                                "(step 3)", numbers)
     return StepVerdict(name, "FAIL", text + " - the model cannot fit even this sample: fix the model, the loss or "
                                             "the rate before any search", numbers)
 

@@ -87,7 +87,8 @@ class TrainConfig:
     """A whole run.
 
     Args:
-        epochs: fixed number of epochs (the budget does not depend on wall time, so runs repeat).
+        epochs: number of epochs (without a ``time_budget`` the run does not depend on wall time, so it
+            repeats exactly; with one, the upper limit).
         device: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:1``...
         amp: mixed precision: ``auto`` (bf16 on CUDA, off on CPU), ``bf16`` or ``none``.
         threads: CPU threads for torch (0 = torch's default).

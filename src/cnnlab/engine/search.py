@@ -139,7 +139,7 @@ def search(base: TrainConfig, space: Sequence[Dimension], *, sampler: str = "tpe
             folder's name. With an explicit storage, a study of that name with the same arguments is
             joined (another worker); ``resume`` continues the one in the folder.
     """
-    import optuna
+    import optuna  # noqa: F401 - a missing optuna fails here, before any trial or folder
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise CnnlabError("cnnlab search does not run under torchrun: each trial is one process. To use several "

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 import math
 import sys
 import time
@@ -27,7 +26,7 @@ from cnnlab.engine.distributed import setup_distributed
 from cnnlab.engine.evaluate import EvalResult, autocast
 from cnnlab.engine.optim import build_optimizer, freeze, lr_factor, penalty, set_lr
 from cnnlab.engine.tasks import Task, TaskResult, get_task
-from cnnlab.engine.tasks._model import model_channels
+from cnnlab.engine.tasks._model import model_channels  # noqa: F401 - re-exported (ensembles use it)
 from cnnlab.engine.time_budget import TimeBudget
 
 EpochCallback = Callable[[dict[str, Any]], None]
