@@ -104,8 +104,8 @@ def test_a_budgeted_run_resumes_exactly(tmp_path, monkeypatch):
 
 
 def test_a_real_budget_ends_a_long_run_early(tmp_path):
-    config = tiny_config(tmp_path, epochs=10_000)  # 60,000 steps: far more than 15 s allow
-    config.time_budget = 15
+    config = tiny_config(tmp_path, epochs=10_000)  # 60,000 steps: far more than 6 s allow
+    config.time_budget = 6
     result = train(config)
     assert result.planned_steps is not None and result.planned_steps < 60_000
     assert len(result.history) == -(-result.planned_steps // 6)
