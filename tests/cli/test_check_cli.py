@@ -35,3 +35,12 @@ def test_a_broken_setup_exits_nonzero(tmp_path, capsys):
     assert code == 1 and "[FAIL] 2 overfit a small sample" in out and "FAIL: 1 initial loss, 2 overfit" in out
     assert main(["check", "--model", "fmnist_net", "--data", "mnist_5k", "--lr-steps", "2"]) == 2
     assert "lr_steps must be a whole number >= 10" in capsys.readouterr().err
+
+
+def test_a_slow_start_is_a_warning_not_a_failure(tmp_path, capsys):
+    # simple_cnn_bn on digits' 8x8 images at the defaults: the loss falls, slowly at first (-0.3% in 10
+    # steps, a 1% dip in the range test). That is a model that learns (step 2 fits the sample): no FAIL.
+    code = main(["check", "--model", "simple_cnn_bn", "--data", "digits", "--out", str(tmp_path), "--set", "threads=1"])
+    out = capsys.readouterr().out
+    assert "[PASS] 2 overfit a small sample" in out, out
+    assert "[FAIL]" not in out and code == 0, out
