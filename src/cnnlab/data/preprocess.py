@@ -36,14 +36,22 @@ class Normalize:
         std = (squares / count - mean * mean).clamp(min=1e-12).sqrt()
         return cls(tuple(mean.tolist()), tuple(std.tolist()))
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def _constants(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if x.shape[1] != len(self.mean):
             raise CnnlabError(f"Normalize has {len(self.mean)} channels, the images have {x.shape[1]}")
         key = (x.device, x.dtype)
         if key not in self._stats:  # a new tensor per batch would be a blocking host-to-GPU copy each time
             self._stats[key] = tuple(torch.tensor(v, dtype=x.dtype).view(1, -1, 1, 1).to(x.device) for v in (self.mean, self.std))
-        mean, std = self._stats[key]
+        return self._stats[key]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        mean, std = self._constants(x)
         return (x - mean) / std
+
+    def invert(self, x: torch.Tensor) -> torch.Tensor:
+        """``x * std + mean``: the images in [0, 1] scale that a normalised batch came from."""
+        mean, std = self._constants(x)
+        return x * std + mean
 
 
 @dataclass

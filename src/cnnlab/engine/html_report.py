@@ -485,22 +485,16 @@ def _model_size(run: RunFolder) -> tuple[int, int, tuple[int, ...], bool]:
     import torch
 
     from cnnlab.analysis import summary
-    from cnnlab.models import create_model
+    from cnnlab.engine.tasks import task_class
+    from cnnlab.engine.tasks._model import rebuild_model
 
     if not run.meta:
         raise CnnlabError("no checkpoint yet (last.json), so the input shape is unknown")
     shape = tuple(int(s) for s in run.meta["input_shape"])
-    options = {k: v for k, v in run.config.get("model", {}).get("options", {}).items() if k != "in_channels"}
+
     with torch.device("meta"):
-        try:
-            model = create_model(run.meta["model"], num_classes=run.meta["num_classes"], in_channels=shape[0],
-                                 **options)
-            takes_classes = True
-        except CnnlabError:
-            # a model without classes (an autoencoder) refuses num_classes; the page reads the folder, not the
-            # task object that knows, so it asks the builder again without them
-            model = create_model(run.meta["model"], in_channels=shape[0], **options)
-            takes_classes = False
+        model = rebuild_model(run.meta, run.config.get("model", {}).get("options", {}))
+    takes_classes = task_class(run.meta.get("task", "classification")).model_takes_num_classes
     totals = summary(model, shape, device="meta", training_memory=False).totals
     return totals.params, totals.macs, shape, takes_classes
 

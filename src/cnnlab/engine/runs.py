@@ -36,8 +36,6 @@ class LoadedRun:
 
 def load_run(run_dir: str | os.PathLike, tag: str | None = None) -> LoadedRun:
     """Rebuild the model of ``run_dir`` that the run reported (see ``trainer.reported_checkpoint``), or ``tag``'s."""
-    from cnnlab.models import create_model
-
     run_dir = Path(run_dir)
     expected = "expected a run folder written by `cnnlab train` (runs/<name>)"
     if run_dir.is_file():
@@ -68,12 +66,9 @@ def load_run(run_dir: str | os.PathLike, tag: str | None = None) -> LoadedRun:
     except (KeyError, TypeError) as e:
         raise CnnlabError(f"{run_dir}/{tag}.json is corrupt: it lacks {e} (the model, classes and input shape "
                           "a checkpoint records)") from None
-    options = {k: v for k, v in config.model.options.items() if k not in ("in_channels", "num_classes")}
-    from cnnlab.engine.tasks import task_class
+    from cnnlab.engine.tasks._model import rebuild_model
 
-    if task_class(meta.get("task", "classification")).model_takes_num_classes:
-        options["num_classes"] = meta["num_classes"]
-    model = create_model(meta["model"], in_channels=input_shape[0], **options)
+    model = rebuild_model(meta, config.model.options)
     try:
         if use_ema:
             from cnnlab.engine.trainer import ema_weights

@@ -93,11 +93,3 @@ class TimeBudget:
         best = max(best, step, 1)
         return Plan(step_s, eval_pass_s, test_pass_s, best, -(-best // steps_per_epoch))
 
-
-def eval_pass_seconds(evaluate_batch, batches_per_pass: int) -> float:
-    """Seconds for a pass of ``batches_per_pass`` batches, from one timed call of ``evaluate_batch``."""
-    if batches_per_pass <= 0:
-        return 0.0
-    t0 = time.perf_counter()
-    evaluate_batch()
-    return (time.perf_counter() - t0) * batches_per_pass

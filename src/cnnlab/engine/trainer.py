@@ -361,17 +361,16 @@ class _Loop:
     def _plan(self) -> None:
         """The time budget's decision, taken once on rank 0 and shared (every rank runs the same steps)."""
         data, task = self.data, self.task
-        evaluate_model = self.ema.module if self.ema is not None else self.model
+        model = self.ema.module if self.ema is not None else self.model
 
-        def one_batch(batches):
-            def run():
-                task.evaluate(evaluate_model, _first(batches), data, amp=self.amp, tta_flip=self.config.tta_flip)
-            return run
+        def pass_seconds(batches) -> float:  # one batch timed, times the batches of a pass
+            if batches is None:
+                return 0.0
+            t0 = time.perf_counter()
+            task.evaluate(model, _first(batches), data, amp=self.amp, tta_flip=self.config.tta_flip)
+            return (time.perf_counter() - t0) * len(batches)
 
-        from cnnlab.engine.time_budget import eval_pass_seconds
-
-        val_s = eval_pass_seconds(one_batch(data.val), len(data.val)) if data.val is not None else 0.0
-        test_s = eval_pass_seconds(one_batch(data.test), len(data.test))
+        val_s, test_s = pass_seconds(data.val), pass_seconds(data.test)
         plan = self.budget.plan(self.state["step"], self.steps_per_epoch, self.limit, val_s, test_s)
         plan = self.env.broadcast(plan)
         self.state["planned_steps"] = plan.steps

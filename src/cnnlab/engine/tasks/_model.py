@@ -56,3 +56,15 @@ def model_channels(config: Any) -> int | None:
     if "in_channels" in config.model.options:
         return config.model.options["in_channels"]
     return model_info(config.model.name).default_input[0]
+
+
+def rebuild_model(meta: dict[str, Any], options: dict[str, Any]) -> nn.Module:
+    """A run's model, untrained, from its checkpoint metadata (model, task, classes, input shape) and
+    ``config.model.options``: what ``cnnlab eval`` loads the weights into and report.html counts."""
+    from cnnlab.engine.tasks import task_class
+    from cnnlab.models import create_model
+
+    options = {k: v for k, v in options.items() if k not in ("in_channels", "num_classes")}
+    if task_class(meta.get("task", "classification")).model_takes_num_classes:  # runs before tasks: classifiers
+        options["num_classes"] = meta["num_classes"]
+    return create_model(meta["model"], in_channels=int(meta["input_shape"][0]), **options)

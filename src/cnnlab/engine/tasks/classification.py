@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnnlab._errors import CnnlabError
 from cnnlab.engine.tasks._model import model_channels
 from cnnlab.engine.tasks.base import LossMeter, StepOutput, Task
 
@@ -22,8 +23,6 @@ def split_aux(output: Any) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         return output, ()
     if isinstance(output, (tuple, list)) and output and all(isinstance(t, torch.Tensor) for t in output):
         return output[0], tuple(output[1:])
-    from cnnlab._errors import CnnlabError
-
     raise CnnlabError(f"a classifier must return logits (B, K) or a tuple (logits, aux logits...), "
                       f"got {type(output).__name__}")
 

@@ -25,11 +25,7 @@ def psnr(reconstruction: torch.Tensor, target: torch.Tensor, data_range: float =
 
 def image_targets(x: torch.Tensor, preprocess: Any) -> torch.Tensor:
     """The images in [0, 1] that a (normalised) batch came from: the reconstruction targets."""
-    if preprocess is None:
-        return x
-    mean = torch.tensor(preprocess.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    std = torch.tensor(preprocess.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    return (x * std + mean).clamp_(0, 1)
+    return x if preprocess is None else preprocess.invert(x).clamp_(0, 1)
 
 
 class _PsnrMeter(LossMeter):
