@@ -22,6 +22,7 @@ for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
 # The models of the other tasks (cnnlab.segmentation: autoencoders now) share this registry; importing them
 # here means every lookup sees them all, whichever cnnlab module was imported first (`import cnnlab` is lazy).
 importlib.import_module("cnnlab.segmentation")
+importlib.import_module("cnnlab.detection")
 
 __all__ = [
     "Classifier", "Family", "FeatureInfo", "LoadResult", "ModelInfo", "create_model", "list_models",
