@@ -20,8 +20,10 @@ from cnnlab.layers.mbconv import DepthwiseSeparableBlock, MBConv
 from cnnlab.layers.norm import LayerNorm2d, get_norm_layer, local_response_norm
 from cnnlab.layers.residual import BasicBlock, Bottleneck, NormAct, PreActBasicBlock, PreActBottleneck
 from cnnlab.layers.shuffle import ChannelShuffle, ShuffleUnitV1, ShuffleUnitV2
+from cnnlab.layers.spp import SpatialPyramidPooling, SPPRoIPool, spp_output_size, spp_roi_pool
 
 __all__ = [
+    "SPPRoIPool", "SpatialPyramidPooling", "spp_output_size", "spp_roi_pool",
     "DepthwiseSeparableBlock", "MBConv",
     "ChannelShuffle", "DenseBlock", "DenseLayer", "NormActConv", "ShuffleUnitV1", "ShuffleUnitV2", "Transition",
     "ACTIVATIONS", "BasicBlock", "Bottleneck", "NormAct", "PreActBasicBlock", "PreActBottleneck", "ConvNormAct", "Fire", "InceptionModule", "DropConnectLinear", "DropPath", "INIT_SCHEMES", "LayerNorm2d", "Maxout",

@@ -76,8 +76,9 @@ def create_model(
         overrides["act_layer"] = get_act_layer(overrides["act_layer"])
     if num_classes is not None:
         overrides["num_classes"] = num_classes
-    if weights is not None and info.task == "classification":
-        overrides.pop("num_classes", None)  # pretrained heads are the source's; replaced below when asked
+    if weights is not None:
+        # pretrained heads (a classifier's fc, a detector's box predictor) are the source's; replaced below
+        overrides.pop("num_classes", None)
     try:
         model = info.builder(**overrides)
     except CnnlabError:
@@ -97,6 +98,9 @@ def create_model(
     if weights is not None:
         apply_weights(model, info, weights)
         if num_classes is not None and num_classes != getattr(model, "num_classes", num_classes):
+            if not hasattr(model, "reset_classifier"):
+                raise CnnlabError(f"{name} cannot change its number of classes after loading weights "
+                                  f"(the weights have {model.num_classes}, asked {num_classes})")
             model.reset_classifier(num_classes)
     return model
 
