@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -165,8 +166,9 @@ def _xml_text(node: ET.Element, tag: str, where: str) -> str:
 
 
 def read_voc_xml(path: str | os.PathLike, image_dir: str | os.PathLike,
-                 label_of: dict[str, int] | None) -> ImageRecord:
+                 label_of: dict[str, int] | None, data: bytes | None = None) -> ImageRecord:
     """One VOC annotation XML -> a record; ``label_of`` maps class names to 1..K (None: names are not checked).
+    ``data``: the XML's bytes when it is not a file (a member of an archive); ``path`` then only names it.
 
     VOC boxes are 1-based inclusive pixel indices; xmin=1, xmax=W covers the whole image, which is (0, W) in
     continuous coordinates, so x1 = xmin - 1 and x2 = xmax (as detectron2's pascal_voc reader does).
@@ -174,7 +176,7 @@ def read_voc_xml(path: str | os.PathLike, image_dir: str | os.PathLike,
     """
     path = Path(path)
     try:
-        tree = ET.parse(path).getroot()
+        tree = ET.fromstring(data) if data is not None else ET.parse(path).getroot()
     except FileNotFoundError:
         raise CnnlabError(f"VOC annotation {path} does not exist") from None
     except ET.ParseError as e:
@@ -234,3 +236,34 @@ def read_split(path: Path) -> list[str]:
     if not ids:
         raise CnnlabError(f"split file {path} lists no image ids")
     return ids
+
+
+class DegenerateBoxWarning(UserWarning):
+    """Zero-width or zero-height boxes were dropped from an annotation file."""
+
+
+def drop_degenerate_boxes(records: Sequence[ImageRecord], source: str | os.PathLike) -> int:
+    """Remove boxes with zero width or height (with their labels, per-box fields and segmentations), in place,
+    warning once per ``source`` with the count and the first image; returns how many were dropped.
+
+    Such a box can match no prediction (IoU 0 with anything), so kept in evaluation it would lower recall
+    for every model alike; in training ``SanitizeBoundingBoxes`` would drop it anyway.
+    """
+    dropped, first = 0, None
+    for rec in records:
+        keep = [k for k, b in enumerate(rec.boxes) if b[2] > b[0] and b[3] > b[1]]
+        if len(keep) == len(rec.boxes):
+            continue
+        n = len(rec.boxes)
+        dropped += n - len(keep)
+        first = rec if first is None else first
+        rec.boxes = [rec.boxes[k] for k in keep]
+        rec.labels = [rec.labels[k] for k in keep]
+        rec.extra = {name: [v[k] for k in keep] if len(v) == n else v for name, v in rec.extra.items()}
+        if len(rec.segmentations) == n:
+            rec.segmentations = [rec.segmentations[k] for k in keep]
+    if dropped:
+        warnings.warn(f"{source}: dropped {dropped} zero-area box(es) (x1 == x2 or y1 == y2), the first in image "
+                      f"{first.image_id!r}; a box needs a positive width and height", DegenerateBoxWarning,
+                      stacklevel=2)
+    return dropped
