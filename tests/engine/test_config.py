@@ -39,3 +39,14 @@ def test_json_roundtrip():
     back = TrainConfig.from_dict(json.loads(c.to_json()))
     assert back == c
     assert "optim.lr = 0.3" in c.describe()
+
+
+def test_dict_fields_take_one_entry_at_a_time():
+    from cnnlab.engine.config import TrainConfig, apply_overrides
+
+    config = apply_overrides(TrainConfig(), ["model.options.backbone=resnet18", "model.options.fpn=false",
+                                             "model.options.min_size=128", "model.lr_mult.stages.0=0.1"])
+    assert config.model.options == {"backbone": "resnet18", "fpn": False, "min_size": 128}
+    assert config.model.lr_mult == {"stages.0": 0.1}
+    with pytest.raises(CnnlabError):
+        apply_overrides(TrainConfig(), ["model.lr_mult.fc=abc"])  # a multiplier is a number

@@ -58,7 +58,7 @@ def make_parent(path: str | os.PathLike | None, flag: str) -> Path | None:
 
 def data_argument(name: str | None, flag: str) -> None:
     """A ``--data`` value that is an existing file, or a path to nothing, fails here with what is expected."""
-    if not name:
+    if not name or name.startswith(("voc:", "coco:")):  # detection readers check their own paths, naming the file
         return
     from cnnlab.data.datasets import DATASETS
 

@@ -1,4 +1,5 @@
-"""``cnnlab eval RUN`` (accuracy, top-k, per-class precision/recall, confusion matrix) and ``cnnlab predict RUN IMAGE...``."""
+"""``cnnlab eval RUN`` (classification: accuracy, top-k, per-class precision/recall, confusion matrix; other tasks:
+their metrics, detection's mAP table) and ``cnnlab predict RUN IMAGE...``."""
 from __future__ import annotations
 
 import argparse
@@ -14,11 +15,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--top", type=int, default=5, help="also report top-k accuracy (default 5)")
     p.add_argument("--device", default="auto")
     p.add_argument("--plot", metavar="PNG", help="write the confusion matrix to this file")
+    p.add_argument("--metric", choices=("coco", "voc", "voc07"),
+                   help="detection runs: also the mAP by these rules (the COCO numbers are always printed)")
     p.set_defaults(func=cmd_eval)
 
-    p = subparsers.add_parser("predict", help="classify image files with a trained run",
+    p = subparsers.add_parser("predict", help="classify image files with a trained run (detection: list the objects)",
                               description="Top-k classes with probabilities for each image file (resized and "
-                                          "converted to the model's input size and channels).")
+                                          "converted to the model's input size and channels). Detection runs: the "
+                                          "objects scored >= 0.5 (up to --top), boxes in the image's own pixels.")
     p.add_argument("run", help="run folder (runs/<name>)")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--top", type=int, default=3)
@@ -47,6 +51,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         data_config.val_fraction = 0.0
     # else the run's own split, so the normalisation is fitted on the same images as in training and
     # `cnnlab eval RUN` reproduces results.json
+    if args.metric and run.task != "detection":
+        raise CnnlabError(f"--metric chooses a detection mAP; {args.run} is a {run.task} run")
+    if run.task != "classification":  # the task's own data and metrics (classification's tables follow below)
+        return _eval_task(args, run, device)
     data = build_data(data_config, device, seed=run.config.seed, channels_last=run.config.model.channels_last,
                       in_channels=run.input_shape[0])
     if data.classes != run.classes:
@@ -56,16 +64,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CnnlabError(f"--data {data_config.name} has images of shape {data.input_shape}, the run was trained on "
                           f"{run.input_shape}; set data.image_size in a folder run or use matching data")
     model = run.model.to(device)
-    if run.task != "classification":  # the task's own metrics (classification's tables follow below)
-        from cnnlab.engine.tasks import get_task
-
-        task = get_task(run.task, loss=run.config.loss)
-        task.prepare(data)
-        result = task.evaluate(model, data.test, data, amp=use_amp(run.config.amp, device), tta_flip=run.config.tta_flip)
-        print(f"{args.run} ({run.tag} checkpoint, epoch {run.epoch}) on {data_config.name} test split: "
-              f"{result.count} images")
-        print("  " + task.headline(result))
-        return 0
     result = evaluate(model, data.test, len(run.classes), amp=use_amp(run.config.amp, device),
                       tta_flip=run.config.tta_flip, topk=(args.top,))
     print(f"{args.run} ({run.tag} checkpoint, epoch {run.epoch}) on {data_config.name} test split: {result.count} images")
@@ -90,6 +88,50 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_task(args: argparse.Namespace, run, device) -> int:
+    """A run of another task: its data through the task (detection: lists of images), its metrics and tables."""
+    from cnnlab._errors import CnnlabError
+    from cnnlab.engine.tasks import get_task
+    from cnnlab.engine.trainer import use_amp
+
+    task = get_task(run.task, loss=run.config.loss)
+    data = task.build_data(run.config, device)
+    name = run.config.data.name
+    if data.classes != run.classes:
+        raise CnnlabError(f"--data {name} has classes {data.classes[:5]}..., the run was trained on "
+                          f"{run.classes[:5]}...; they must match")
+    if run.task != "detection" and data.input_shape != run.input_shape:  # detectors take images of any size
+        raise CnnlabError(f"--data {name} has images of shape {data.input_shape}, the run was trained on "
+                          f"{run.input_shape}; set data.image_size in a folder run or use matching data")
+    task.prepare(data)
+    result = task.evaluate(run.model.to(device), data.test, data, amp=use_amp(run.config.amp, device),
+                           tta_flip=run.config.tta_flip)
+    print(f"{args.run} ({run.tag} checkpoint, epoch {run.epoch}) on {name} test split: {result.count} images")
+    print("  " + task.headline(result) + (f", loss {result.loss:.4f}" if run.task == "detection" else ""))
+    if run.task == "detection":
+        _print_map(result, data.classes, args.metric)
+    return 0
+
+
+def _print_map(result, classes: list[str], metric: str | None) -> None:
+    """The twelve COCO numbers (as pycocotools prints them), per-class AP, and another metric's mAP if asked."""
+    from cnnlab.cli._format import table
+    from cnnlab.detection.metrics import evaluate as mean_ap
+
+    found = result.details["map"]
+    print()
+    print(table(list(found), [[f"{v:.4f}" for v in found.values()]], align="r" * len(found)))
+    print("\nper class (COCO: AP at IoU 0.50:0.95, AP50 at 0.5; gt: boxes that are not crowd; -1: no gt):")
+    print(table(["class", "gt", "AP", "AP50"], [[c, found.num_gt[c], f"{found.per_class[c]:.4f}",
+                                                  f"{(found.per_class_ap50 or {}).get(c, -1.0):.4f}"]
+                                                 for c in found.classes], align="lrrr"))
+    if metric and metric != "coco":
+        voc = mean_ap(result.details["predictions"], result.details["targets"], metric, class_names=classes)
+        print(f"\n{metric} (IoU 0.5{', 11-point' if metric == 'voc07' else ', all points'}): mAP {voc['mAP']:.4f}")
+        print(table(["class", "gt", "AP"], [[c, voc.num_gt[c], f"{voc.per_class[c]:.4f}"] for c in voc.classes],
+                    align="lrr"))
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     import torch
 
@@ -101,6 +143,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise CnnlabError(f"--top must be >= 1, got {args.top}")
     run = load_run(args.run, args.checkpoint)
+    if run.task == "detection":  # at each image's own size, so the boxes are in its pixels (cnnlab detect draws them)
+        return _predict_detection(args, run)
     channels, height, width = run.input_shape
     preprocess = preprocess_from_state(run.preprocess)
     images = torch.stack([read_image(path, channels, (height, width)) for path in args.images])  # errors name the file
@@ -113,5 +157,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
     with torch.no_grad():
         outputs = run.model(x)
     for path, line in zip(args.images, task.predict_lines(images.float() / 255, outputs, run.classes, args.top)):
+        print(f"{path}: {line}")
+    return 0
+
+
+def _predict_detection(args: argparse.Namespace, run) -> int:
+    import torch
+
+    from cnnlab.data.folder import read_image
+    from cnnlab.engine.tasks import get_task
+
+    images = [read_image(path, 3, None).float() / 255 for path in args.images]  # errors name the file
+    task = get_task(run.task, loss=run.config.loss)
+    with torch.no_grad():
+        outputs = [run.model([image])[0] for image in images]
+    for path, line in zip(args.images, task.predict_lines(images, outputs, run.classes, args.top)):
         print(f"{path}: {line}")
     return 0

@@ -196,6 +196,11 @@ def stratified_subset(labels: torch.Tensor, n: int, seed: int = SUBSET_SEED) -> 
 def build_data(config: DataConfig, device: torch.device, *, seed: int = 0, channels_last: bool = False,
                in_channels: int | None = None) -> DataBundle:
     """Load the dataset named in ``config`` (or an image folder) and wrap it in device batches."""
+    from cnnlab.data.detection_data import is_detection_data  # here: detection_data builds on this module
+
+    if is_detection_data(config.name):  # before the folder rule: voc:/path has a "/" in it
+        raise CnnlabError(f"data {config.name!r} is a detection dataset (images with boxes), not images with one "
+                          f"class each: train a detection model on it (`cnnlab models --task detection`)")
     if config.name not in D.DATASETS and (Path(config.name).is_dir() or "/" in config.name):
         return _build_folder(config, device, seed, channels_last, in_channels)
     data: D.TensorDataset = D.load_dataset(config.name, config.root, config.download)

@@ -235,6 +235,22 @@ def _literal(text: str) -> Any:
         return [t.strip() for t in inner.split(",") if t.strip()]  # 'stem,stages.0' -> list
 
 
+# dict fields whose entries can be set one at a time: --set model.options.backbone=resnet18
+DICT_KEYS = ("model.options", "model.lr_mult")
+
+
+def _option_value(text: str) -> Any:
+    """A model option's value: JSON or a Python literal (3, 0.5, true, [1, 2], "x"), else the text itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
 def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
     """Set ``section.key=value`` fields in place, checking keys and types."""
     keys = config_keys(config)
@@ -245,6 +261,12 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
         if not isinstance(item, str) or "=" not in item:
             raise CnnlabError(f"override {item!r} must look like key=value (e.g. optim.lr=0.1)")
         key, text = (s.strip() for s in item.split("=", 1))
+        head = next((h for h in DICT_KEYS if key.startswith(h + ".") and len(key) > len(h) + 1), None)
+        if key not in keys and head is not None:  # model.options.backbone=resnet18, model.lr_mult.stages.0=0.1
+            section, field_name = head.split(".")
+            value = _parse(text, float, key) if head == "model.lr_mult" else _option_value(text)
+            getattr(getattr(config, section), field_name)[key[len(head) + 1:]] = value
+            continue
         if key not in keys:
             # a bare 'lr' probably means 'optim.lr'
             matches = [k for k in keys if k.endswith("." + key)]

@@ -504,12 +504,30 @@ def _model(run: RunFolder) -> tuple[list[tuple[str, Any]], str]:
     try:
         params, macs, shape, takes_classes = _model_size(run)
     except Exception as e:  # noqa: BLE001 - the page says why the sizes are missing
-        return [], f"Parameter count and MACs unavailable: {type(e).__name__}: {e}"
+        params = _parameter_count(run)  # a model that cannot be traced on the meta device (detectors) still counts
+        if params is None:
+            return [], f"Parameter count and MACs unavailable: {type(e).__name__}: {e}"
+        return [("model", run.model), ("input shape (C, H, W)", str(tuple(run.meta["input_shape"]))),
+                ("parameters", f"{params:,}"), ("MACs per image", f"unavailable ({type(e).__name__}: {e})")], ""
     rows: list[tuple[str, Any]] = [("model", run.model), ("input shape (C, H, W)", str(shape))]
     if takes_classes:
         rows.append(("classes", len(_classes(run)) or run.meta.get("num_classes")))
     rows += [("parameters", f"{params:,}"), ("MACs per image", f"{macs:,} ({macs / 1e6:,.2f} M)")]
     return rows, ""
+
+
+def _parameter_count(run: RunFolder) -> int | None:
+    """The parameters of the run's model, built on the meta device (no forward pass), or None if it cannot be built."""
+    import torch
+
+    from cnnlab.engine.tasks._model import rebuild_model
+
+    try:
+        with torch.device("meta"):
+            model = rebuild_model(run.meta, run.config.get("model", {}).get("options", {}))
+        return sum(p.numel() for p in model.parameters())
+    except Exception:  # noqa: BLE001 - the page says the sizes are unavailable
+        return None
 
 
 def _flat_config(config: dict[str, Any]) -> dict[str, str]:

@@ -68,7 +68,11 @@ def curves_figure(history: Sequence[dict[str, Any]]):
     """The figure of ``plot_curves``: one panel for the losses, one per other metric (the caller saves and closes it)."""
     plt = pyplot()
     names = curve_metrics(history) or ["loss"]
-    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
+    cols = min(len(names), 4)  # more panels (detection: its named losses and APs) wrap onto more rows
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4 * rows), squeeze=False)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
     for ax, name in zip(axes.flat, names):
         for prefix, label in (("train", "train"), ("val", "validation")):
             epochs, values = _points(history, f"{prefix}_{name}")

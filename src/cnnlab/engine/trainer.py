@@ -150,6 +150,9 @@ def _train(config: TrainConfig, resume: bool, callbacks: Sequence[EpochCallback]
     wall0, cpu0 = time.perf_counter(), time.process_time()
     # a module of the caller's own names its task (config.task); a registry model's entry does
     task = get_task(config.task, loss=config.loss) if given_model is not None and config.task != "auto" else get_task(config)
+    default_monitor = getattr(task, "default_monitor", None)  # detection: val_AP (its loss is not what it is judged by)
+    if default_monitor is not None and config.monitor == "val_loss":  # the config's default: the task's default
+        config.monitor = default_monitor
     if config.monitor not in task.monitor_keys():
         raise CnnlabError(f"monitor={config.monitor!r} is not a metric of the {task.name} task; choose "
                           f"{', '.join(task.monitor_keys())}")
@@ -427,7 +430,8 @@ class _Loop:
                                  f"non-finite during epoch {epoch + 1}")
         elapsed = time.perf_counter() - wall0
         row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": values["loss"]}
-        row.update({f"train_{m}": values[m] for m in task.metrics})
+        # what the meter measured besides the loss (the task's metrics; detection: each named loss), in its order
+        row.update({f"train_{k}": v for k, v in values.items() if k != "loss"})
         row.update({"val_loss": None, **{f"val_{m}": None for m in task.metrics}})
         row.update(lr=lr, time_s=elapsed, cpu_s=time.process_time() - cpu0,
                    images_per_s=meter.seen / max(elapsed, 1e-9))

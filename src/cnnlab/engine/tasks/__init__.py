@@ -2,7 +2,7 @@
 
     >>> from cnnlab.engine.tasks import get_task, task_names
     >>> task_names()
-    ['classification', 'reconstruction']
+    ['classification', 'detection', 'reconstruction']
     >>> get_task("reconstruction", loss="bce").loss_name
     'bce'
 
@@ -16,6 +16,7 @@ from typing import Any
 from cnnlab._errors import CnnlabError, did_you_mean
 from cnnlab.engine.tasks.base import LossMeter, Meter, StepOutput, Task, TaskResult
 from cnnlab.engine.tasks.classification import ClassificationTask
+from cnnlab.engine.tasks.detection import DetectionTask
 from cnnlab.engine.tasks.reconstruction import ReconstructionTask
 
 _TASKS: dict[str, type[Task]] = {}
@@ -31,13 +32,15 @@ def register_task(cls: type[Task]) -> type[Task]:
 
 register_task(ClassificationTask)
 register_task(ReconstructionTask)
+register_task(DetectionTask)
 
 
 def _register_report_sections() -> None:
     from cnnlab.engine.html_report import register_report_sections
-    from cnnlab.engine.tasks.reconstruction import report_sections
+    from cnnlab.engine.tasks import detection, reconstruction
 
-    register_report_sections(ReconstructionTask.name, report_sections, replace=True)
+    register_report_sections(ReconstructionTask.name, reconstruction.report_sections, replace=True)
+    register_report_sections(DetectionTask.name, detection.report_sections, replace=True)
 
 
 _register_report_sections()
@@ -68,5 +71,5 @@ def get_task(config_or_name: Any, *, loss: str = "auto") -> Task:
     return task_class(registered)(config.loss)
 
 
-__all__ = ["ClassificationTask", "LossMeter", "Meter", "ReconstructionTask", "StepOutput", "Task", "TaskResult",
-           "get_task", "register_task", "task_class", "task_names"]
+__all__ = ["ClassificationTask", "DetectionTask", "LossMeter", "Meter", "ReconstructionTask", "StepOutput", "Task",
+           "TaskResult", "get_task", "register_task", "task_class", "task_names"]

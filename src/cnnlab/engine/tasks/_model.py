@@ -65,6 +65,11 @@ def rebuild_model(meta: dict[str, Any], options: dict[str, Any]) -> nn.Module:
     from cnnlab.models import create_model
 
     options = {k: v for k, v in options.items() if k not in ("in_channels", "num_classes")}
-    if task_class(meta.get("task", "classification")).model_takes_num_classes:  # runs before tasks: classifiers
+    task = task_class(meta.get("task", "classification"))
+    model_kwargs = getattr(task, "model_kwargs", None)  # a task whose models take other arguments (detection: K + 1)
+    if model_kwargs is not None:
+        return create_model(meta["model"], **model_kwargs(int(meta["num_classes"]), tuple(meta["input_shape"])),
+                            **options)
+    if task.model_takes_num_classes:  # runs before tasks: classifiers
         options["num_classes"] = meta["num_classes"]
     return create_model(meta["model"], in_channels=int(meta["input_shape"][0]), **options)
