@@ -19,12 +19,13 @@ workers, sees the same batches.
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
 from cnnlab._errors import CnnlabError
 from cnnlab.data.annotated import CocoDetection, VOCDetection
@@ -59,6 +60,14 @@ def _augment(config: DataConfig) -> JointAugment:
         raise CnnlabError(f"data.{', data.'.join(refused)} do not apply to detection data (they would move the "
                           "pixels without the boxes, or mix labels); use data.flip and data.jitter")
     return JointAugment(hflip=0.5 if config.flip else 0.0, photometric=0.5 if config.jitter else 0.0)
+
+
+def _local_batch(batch_size: int, world_size: int) -> int:
+    """Images per step on one of ``world_size`` processes: the configured batch is the global one."""
+    if batch_size % world_size:
+        raise CnnlabError(f"data.batch_size={batch_size} is the global batch and must divide evenly over "
+                          f"{world_size} processes: use a multiple of {world_size}")
+    return batch_size // world_size
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -112,8 +121,23 @@ class DetectionBatches:
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], list[dict[str, Any]]]]:
         self.generator.manual_seed(_epoch_seed(self.seed, self.epoch))
         self.items.epoch = self.epoch
+        if isinstance(self.loader.sampler, DistributedSampler):
+            self.loader.sampler.set_epoch(self.epoch)
         for batch in self.loader:
             yield batch_to_device(batch, self.device)
+
+    def shard(self, rank: int, world_size: int) -> DetectionBatches:
+        """Rank ``rank``'s share of each epoch under torchrun: a ``DistributedSampler`` (seeded by the run's seed,
+        reshuffled per epoch) and ``batch_size / world_size`` images per step, so the global batch is unchanged."""
+        base = self.loader
+        sharded = copy.copy(self)
+        sampler = DistributedSampler(self.items, num_replicas=world_size, rank=rank,
+                                     shuffle=isinstance(base.sampler, RandomSampler), seed=self.seed,
+                                     drop_last=base.drop_last)
+        sharded.loader = DataLoader(self.items, batch_size=_local_batch(base.batch_size, world_size), sampler=sampler,
+                                    num_workers=base.num_workers, collate_fn=base.collate_fn,
+                                    drop_last=base.drop_last, pin_memory=base.pin_memory)
+        return sharded
 
 
 class TensorDetectionBatches:
@@ -136,8 +160,22 @@ class TensorDetectionBatches:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    rank, world_size = 0, 1  # shard() sets them under torchrun
+
+    def shard(self, rank: int, world_size: int) -> TensorDetectionBatches:
+        """Rank ``rank``'s share under torchrun: every rank draws the same epoch order and flips (a CPU generator
+        seeded by (seed, epoch)), pads the order to a multiple of ``world_size`` by repeating its head, takes every
+        ``world_size``-th canvas from ``rank`` and cuts ``batch_size / world_size`` per step (the global batch)."""
+        sharded = copy.copy(self)
+        sharded.batch_size = _local_batch(self.batch_size, world_size)
+        sharded.rank, sharded.world_size = rank, world_size
+        return sharded
+
+    def _shard_size(self) -> int:
+        return -(-len(self.images) // self.world_size)
+
     def __len__(self) -> int:
-        n = len(self.images)
+        n = self._shard_size()
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], list[dict[str, Any]]]]:
@@ -145,6 +183,9 @@ class TensorDetectionBatches:
         n, width = len(self.images), self.images.shape[-1]
         order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
         flips = (torch.rand(n, generator=gen) < self.hflip) if self.hflip else torch.zeros(n, dtype=torch.bool)
+        if self.world_size > 1:
+            padded = torch.cat([order, order[:self._shard_size() * self.world_size - n]])
+            order = padded[self.rank::self.world_size]
         for b in range(len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size].tolist()
             x = self.images[idx].float().div_(255)

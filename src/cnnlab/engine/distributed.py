@@ -151,6 +151,8 @@ def shard_batches(batches: Any, rank: int, world_size: int) -> Any:
     """Training batches of one rank: a :class:`ShardedTensorLoader` or a folder loader on a DistributedSampler."""
     if isinstance(batches, TensorLoader):
         return ShardedTensorLoader(batches, rank, world_size)
+    if hasattr(batches, "shard"):  # batches that know how to split themselves (detection data)
+        return batches.shard(rank, world_size)
     if hasattr(batches, "loader") and hasattr(batches.loader, "dataset"):
         return ShardedFolderBatches(batches, rank, world_size)
     raise CnnlabError(f"cannot split {type(batches).__name__} batches over {world_size} processes")
