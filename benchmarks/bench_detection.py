@@ -1,0 +1,597 @@
+"""The notes' claims about the two-stage family, measured on this CPU: latency per stage, and mAP per budget.
+
+``latency``: per-image inference time at batch 1 of R-CNN, SPP-net, Fast R-CNN and Faster R-CNN on one backbone
+and the same images, eval mode, ``torch.inference_mode``, random-init weights (latency does not depend on them,
+except through how many boxes pass ``box_score_thresh`` into NMS: every model keeps the default 0.05 and 100
+detections per image, and the table reports the detections kept). The proposal stage (selective search fast and
+quality, the grid) is timed apart from the network stage; the network stage is split by forward hooks into
+backbone / RPN / RoI pooling (R-CNN: crop-and-warp) / box head (R-CNN: the whole CNN per region) / the rest
+(transform, per-class NMS, mapping boxes back). Both process CPU time (``time.process_time``; with one torch and
+one OpenCV thread it is the work done, nearly independent of other jobs on the machine) and wall time are kept;
+the first call of each model is a warm-up and is not counted; the table gives medians over the images.
+
+Two image sets: ``canvas`` (fashion_det test canvases, 128 x 128 grey, run at ``--min-size``, default their own
+128 px) and ``real`` (500 x 375 windows of the ``trees`` validation crop, NEON aerial RGB, from the cached
+deepforest wheel; tiled fashion_det canvases if the wheel is absent), run at ``--real-min-size`` (default 375,
+their own size; the papers use 600).
+
+R-CNN runs its CNN on every region (warped to the classifier's 224 px): at 2,000 regions that is minutes per
+image on this CPU, so it gets ``--rcnn-proposals`` regions (default 100 and 200; selective-search boxes, padded
+with grid windows to exactly that count); its time at 2,000 is extrapolated linearly from those two counts
+(the table says so), and the two per-region costs show whether the cost is linear.
+
+Proposal counts: SPP-net and Fast R-CNN get every selective-search (fast) box of the image (at most 2,000), and
+Fast R-CNN is timed again with them padded to ``--fast-rcnn-proposals`` (2,000: the papers' count). Faster R-CNN
+(``faster_rcnn``, ``fpn=False``: one stride-16 map, the paper's layout and the map the other two pool from) keeps
+what its RPN gives; a random-init RPN's flat scores leave few boxes after its NMS at 0.7, so it is timed again
+with the RPN keeping ``--faster-rcnn-proposals`` boxes (NMS at 0.99; the paper tests with 300).
+``faster_rcnn_fpn`` is the FPN variant (torchvision's layout on the same backbone).
+
+``train``: one detector trained through ``cnnlab.engine.train`` with a time budget, then its COCO AP / AP50 on
+the test split (the issue's accuracy targets).
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_detection.py latency --images 4 --out latency.json
+    python benchmarks/bench_detection.py train --model faster_rcnn --backbone resnet18 --minutes 20
+    python benchmarks/bench_detection.py train --minutes 1 --train-limit 64 --dry-run   # config only
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+NUM_CLASSES = 11  # fashion_det: 10 classes + background
+MODELS = ("rcnn", "sppnet", "fast_rcnn", "faster_rcnn", "faster_rcnn_fpn")
+TRAIN_MODELS = ("rcnn", "sppnet", "fast_rcnn", "faster_rcnn", "fasterrcnn_resnet50_fpn")
+PROPOSAL_METHODS = ("selective_search_fast", "selective_search_quality", "grid")
+EXTRAPOLATE_TO = 2000
+# the train command's Faster R-CNN on a 2-core CPU (off with --torchvision-defaults): one 8-canvas step at 128 px
+# takes 9.5 s of CPU with torchvision's head settings (512 sampled RoIs per image through a 12544 -> 1024 FC,
+# and RoIAlign's slow CPU backward) and 1.4 s with these; fashion_det has <= 4 items per canvas, so 128 RoIs
+# (32 foreground) per image are enough; 300 RPN boxes at test time is the paper's count
+LIGHT_FASTER_RCNN = {"box_batch_size_per_image": 128, "representation_size": 512, "fpn_channels": 128,
+                     "rpn_post_nms_top_n_train": 600, "rpn_post_nms_top_n_test": 300}
+
+
+# -- machine ------------------------------------------------------------------------------------------------
+def machine() -> dict[str, Any]:
+    """CPU model, the vector flags that matter for convolutions, torch build, load average."""
+    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
+                            "torch": torch.__version__, "cpus": os.cpu_count()}
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "Model name":
+                info["cpu"] = value.strip()
+            elif key.strip() == "Flags":
+                flags = set(value.split())
+                info["flags"] = {f: f in flags for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16",
+                                                         "amx_bf16", "amx_tile", "amx_int8")}
+    except (OSError, subprocess.SubprocessError):
+        pass
+    info["mkldnn_bf16"] = bool(getattr(torch.backends.mkldnn, "is_available", lambda: False)())
+    return info
+
+
+# -- images -------------------------------------------------------------------------------------------------
+def canvas_images(n: int) -> list[Tensor]:
+    """The first ``n`` fashion_det test canvases, (3, 128, 128) floats in 0..1 (grey, expanded to 3 channels)."""
+    from cnnlab.data.config import DataConfig
+    from cnnlab.data.detection_data import build_detection_data
+
+    bundle = build_detection_data(DataConfig(name="fashion_det", eval_batch_size=1, download=False),
+                                  torch.device("cpu"))
+    images = []
+    for batch_images, _ in bundle.test:
+        images.append(batch_images[0].contiguous())
+        if len(images) == n:
+            break
+    return images
+
+
+def real_images(n: int, canvases: Callable[[int], list[Tensor]]) -> tuple[list[Tensor], str]:
+    """``n`` 500 x 375 images: windows of the trees validation crop, or (no cached wheel) tiled canvases."""
+    try:
+        from cnnlab.data.trees import VAL_IMAGE, read_scene, wheel_path
+
+        scene = read_scene(wheel_path(download=False), VAL_IMAGE)
+        image = scene.image.float().div(255)
+        _, h, w = image.shape
+        starts = [(y, x) for y in range(0, h - 375 + 1, 375) for x in range(0, w - 500 + 1, 500)]
+        crops = [image[:, y:y + 375, x:x + 500].contiguous() for y, x in starts[:n]]
+        return crops, f"trees val crop {VAL_IMAGE} ({w}x{h}), 500x375 windows"
+    except Exception as e:  # noqa: BLE001 (no wheel, no network: fall back to canvases)
+        tiles = canvases(12 * n)
+        out = []
+        for i in range(n):
+            rows = [torch.cat(tiles[12 * i + 4 * r:12 * i + 4 * r + 4], dim=2) for r in range(3)]
+            out.append(torch.cat(rows, dim=1)[:, :375, :500].contiguous())
+        return out, f"4 x 3 tiled fashion_det canvases cropped to 500x375 (trees unavailable: {e})"
+
+
+# -- timing ---------------------------------------------------------------------------------------------------
+def timed(fn: Callable[[], Any]) -> tuple[Any, float, float]:
+    """``fn()``'s result, process CPU seconds, wall seconds."""
+    c0, w0 = time.process_time(), time.perf_counter()
+    out = fn()
+    return out, time.process_time() - c0, time.perf_counter() - w0
+
+
+class StageTimer:
+    """Forward hooks adding each named module's CPU and wall seconds (reset per call)."""
+
+    def __init__(self, stages: dict[str, nn.Module]) -> None:
+        self.cpu: dict[str, float] = {}
+        self.wall: dict[str, float] = {}
+        self.handles = []
+        for name, module in stages.items():
+            self.handles.append(module.register_forward_pre_hook(self._start(name)))
+            self.handles.append(module.register_forward_hook(self._stop(name)))
+        self._t0: dict[str, tuple[float, float]] = {}
+
+    def _start(self, name: str):
+        def hook(module, args):
+            self._t0[name] = (time.process_time(), time.perf_counter())
+        return hook
+
+    def _stop(self, name: str):
+        def hook(module, args, output):
+            c0, w0 = self._t0.pop(name)
+            self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - c0
+            self.wall[name] = self.wall.get(name, 0.0) + time.perf_counter() - w0
+        return hook
+
+    def reset(self) -> None:
+        self.cpu, self.wall = {}, {}
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else math.nan
+
+
+# -- models ---------------------------------------------------------------------------------------------------
+def build(name: str, backbone: str, min_size: int, max_size: int) -> nn.Module:
+    from cnnlab.models import create_model
+
+    common = {"backbone": backbone, "num_classes": NUM_CLASSES, "min_size": min_size, "max_size": max_size}
+    if name.startswith("faster_rcnn"):  # torchvision's defaults otherwise: 1000 RPN proposals kept at test time
+        # fpn=False: one stride-16 map, the paper's and the same map Fast R-CNN and SPP-net pool from
+        model = create_model("faster_rcnn", **common, fpn=name == "faster_rcnn_fpn", box_score_thresh=0.05,
+                             box_detections_per_img=100)
+    else:  # RegionHeadConfig's defaults: score 0.05, NMS 0.3, 100 detections
+        model = create_model(name, **common, proposals={"method": "selective_search_fast", "cache": False})
+    return model.eval()
+
+
+def stages_of(name: str, model: nn.Module) -> dict[str, nn.Module]:
+    heads = model.roi_heads
+    if name == "rcnn":
+        return {"warp": heads.box_roi_pool, "cnn_per_region": heads.box_head, "predictor": heads.box_predictor}
+    stages = {"backbone": model.backbone}
+    if name.startswith("faster_rcnn"):
+        stages["rpn"] = model.rpn
+    stages.update({"roi_pool": heads.box_roi_pool, "box_head": heads.box_head, "predictor": heads.box_predictor})
+    return stages
+
+
+def pad_to(boxes: Tensor, count: int, image: Tensor) -> Tensor:
+    """Exactly ``count`` boxes: the first of ``boxes``, then grid windows (R-CNN's cost depends on the count only)."""
+    from cnnlab.detection.proposals import grid_proposals
+
+    if len(boxes) >= count:
+        return boxes[:count]
+    extra = grid_proposals(tuple(image.shape[-2:]), max_proposals=count, step=0.1)
+    out = torch.cat([boxes, extra])[:count]
+    while len(out) < count:  # a tiny image with few windows: repeat (the cost is per region)
+        out = torch.cat([out, out])[:count]
+    return out
+
+
+def bench_proposals(images: list[Tensor], methods: list[str]) -> tuple[dict[str, Any], dict[str, list[Tensor]]]:
+    """Each proposal method on each image, uncached: median CPU/wall seconds and box count; and the boxes."""
+    from cnnlab.detection.proposals import RegionProposer
+
+    rows, boxes = {}, {}
+    for method in methods:
+        proposer = RegionProposer({"method": method, "cache": False})
+        proposer.propose(images[0])  # warm-up (OpenCV's first call allocates)
+        cpu, wall, counts, found = [], [], [], []
+        for image in images:
+            b, c, w = timed(lambda: proposer.propose(image))
+            cpu.append(c)
+            wall.append(w)
+            counts.append(len(b))
+            found.append(b)
+        rows[method] = {"cpu_s": median(cpu), "wall_s": median(wall), "proposals": median(counts),
+                        "cpu_s_all": cpu, "wall_s_all": wall, "proposals_all": counts}
+        boxes[method] = found
+        print(f"    {method:26s} cpu {median(cpu):8.3f} s  wall {median(wall):8.3f} s  "
+              f"boxes {median(counts):6.0f}", flush=True)
+    return rows, boxes
+
+
+def bench_network(name: str, model: nn.Module, images: list[Tensor], proposals: list[Tensor] | None) -> dict[str, Any]:
+    """The network stage (proposals given, or the RPN's own) per image: totals and per-stage medians."""
+    timer = StageTimer(stages_of(name, model))
+    rpn_counts: list[int] = []
+    handle = None
+    if name.startswith("faster_rcnn"):
+        handle = model.rpn.register_forward_hook(lambda m, a, out: rpn_counts.append(len(out[0][0])))
+
+    def call(i: int):
+        if proposals is None:
+            return model([images[i]])
+        return model([images[i]], proposals=[proposals[i]])
+
+    try:
+        with torch.inference_mode():
+            call(0)  # warm-up, not counted
+            rpn_counts.clear()
+            cpu, wall, dets, stage_cpu, stage_wall = [], [], [], [], []
+            for i in range(len(images)):
+                timer.reset()
+                out, c, w = timed(lambda: call(i))
+                cpu.append(c)
+                wall.append(w)
+                dets.append(len(out[0]["boxes"]))
+                stage_cpu.append({**timer.cpu, "other": c - sum(timer.cpu.values())})
+                stage_wall.append({**timer.wall, "other": w - sum(timer.wall.values())})
+    finally:
+        timer.remove()
+        if handle is not None:
+            handle.remove()
+    n_props = rpn_counts if name.startswith("faster_rcnn") else [len(p) for p in proposals]
+    keys = list(stage_cpu[0])
+    return {"cpu_s": median(cpu), "wall_s": median(wall), "proposals": median(n_props),
+            "detections": median(dets), "cpu_s_all": cpu, "wall_s_all": wall,
+            "stages_cpu_s": {k: median([s.get(k, 0.0) for s in stage_cpu]) for k in keys},
+            "stages_wall_s": {k: median([s.get(k, 0.0) for s in stage_wall]) for k in keys}}
+
+
+def bench_case(case: str, images: list[Tensor], min_size: int, max_size: int, args) -> dict[str, Any]:
+    h, w = images[0].shape[-2:]
+    print(f"\n== {case}: {len(images)} images of {w}x{h}, min_size {min_size} ==", flush=True)
+    print("  proposal stage (uncached, 1 thread):", flush=True)
+    proposal_rows, boxes = bench_proposals(images, args.proposal_methods)
+    ss = boxes.get("selective_search_fast") or boxes[args.proposal_methods[0]]
+    network: dict[str, Any] = {}
+    print("  network stage:", flush=True)
+    for name in args.models:
+        model = build(name, args.backbone, min_size, max_size)
+        if name == "rcnn":
+            for count in args.rcnn_proposals:
+                key = f"rcnn@{count}"
+                network[key] = bench_network(name, model, images, [pad_to(b, count, im) for b, im in zip(ss, images)])
+                print(f"    {key:14s} cpu {network[key]['cpu_s']:8.3f} s  wall {network[key]['wall_s']:8.3f} s  "
+                      f"({network[key]['cpu_s'] / count * 1000:.2f} ms cpu per region)", flush=True)
+        else:
+            runs = [(name, None if name.startswith("faster_rcnn") else ss)]
+            if name == "fast_rcnn":  # also at fixed counts: the head's cost grows with the proposals
+                runs += [(f"fast_rcnn@{c}", [pad_to(b, c, im) for b, im in zip(ss, images)])
+                         for c in args.fast_rcnn_proposals]
+            if name == "faster_rcnn":  # a random-init RPN's flat scores leave few boxes after its NMS at 0.7:
+                # also at fixed counts (NMS at 0.99 only drops duplicates), as a trained RPN gives (the paper: 300)
+                runs += [(f"faster_rcnn@{c}", None) for c in args.faster_rcnn_proposals]
+            for key, given in runs:
+                rpn = getattr(model, "rpn", None)
+                saved = None if rpn is None else (rpn.pre_nms_top_n_test, rpn.post_nms_top_n_test, rpn.nms_thresh)
+                if "@" in key and key.startswith("faster_rcnn"):
+                    count = int(key.split("@")[1])
+                    rpn.pre_nms_top_n_test, rpn.post_nms_top_n_test = max(saved[0], count), count
+                    rpn.nms_thresh = 0.99
+                network[key] = bench_network(name, model, images, given)
+                if saved is not None:
+                    rpn.pre_nms_top_n_test, rpn.post_nms_top_n_test, rpn.nms_thresh = saved
+                print(f"    {key:14s} cpu {network[key]['cpu_s']:8.3f} s  wall {network[key]['wall_s']:8.3f} s  "
+                      f"proposals {network[key]['proposals']:.0f}", flush=True)
+        network.setdefault("_load", []).append(os.getloadavg()[0])
+        del model
+    return {"images": len(images), "size": [int(w), int(h)], "min_size": min_size, "max_size": max_size,
+            "proposals": proposal_rows, "network": network}
+
+
+def rcnn_fit(network: dict[str, Any], counts: list[int], key: str) -> dict[str, Any] | None:
+    """Least-squares line t = a + b * regions through the measured R-CNN counts, and its value at 2,000."""
+    points = [(c, network[f"rcnn@{c}"][key]) for c in counts if f"rcnn@{c}" in network]
+    if len(points) < 2:
+        return None
+    xs, ys = zip(*points)
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    b = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x in xs)
+    a = my - b * mx
+    return {"intercept_s": a, "per_region_s": b, "at_2000_s": a + b * EXTRAPOLATE_TO,
+            "per_region_measured_s": {str(x): y / x for x, y in points}}
+
+
+def summary_rows(result: dict[str, Any], counts: list[int]) -> list[dict[str, Any]]:
+    """One row per model: proposal stage (selective search fast, or the RPN inside the network), network, total."""
+    net, props = result["network"], result["proposals"]
+    ss = props.get("selective_search_fast", {"cpu_s": math.nan, "wall_s": math.nan})
+    rows = []
+    fit_cpu, fit_wall = rcnn_fit(net, counts, "cpu_s"), rcnn_fit(net, counts, "wall_s")
+    for c in counts:
+        r = net.get(f"rcnn@{c}")
+        if r:
+            rows.append({"model": f"R-CNN ({c} regions)", "proposals": c, "proposal_cpu_s": ss["cpu_s"],
+                         "network_cpu_s": r["cpu_s"], "network_wall_s": r["wall_s"],
+                         "main_stage": "cnn_per_region", "main_stage_cpu_s": r["stages_cpu_s"].get("cnn_per_region"),
+                         "detections": r["detections"]})
+    if fit_cpu:
+        rows.append({"model": f"R-CNN ({EXTRAPOLATE_TO} regions, extrapolated)", "proposals": EXTRAPOLATE_TO,
+                     "proposal_cpu_s": ss["cpu_s"], "network_cpu_s": fit_cpu["at_2000_s"],
+                     "network_wall_s": fit_wall["at_2000_s"] if fit_wall else math.nan, "extrapolated": True})
+    names = {"sppnet": "SPP-net", "fast_rcnn": "Fast R-CNN",
+             **{k: f"Fast R-CNN (SS padded to {k.split('@')[1]})" for k in net if k.startswith("fast_rcnn@")},
+             "faster_rcnn": "Faster R-CNN (C4 map, no FPN)",
+             **{k: f"Faster R-CNN (C4, RPN kept {k.split('@')[1]})" for k in net if k.startswith("faster_rcnn@")},
+             "faster_rcnn_fpn": "Faster R-CNN + FPN"}
+    for key, label in names.items():
+        r = net.get(key)
+        if not r:
+            continue
+        rows.append({"model": label, "proposals": r["proposals"],
+                     "proposal_cpu_s": 0.0 if key.startswith("faster_rcnn") else ss["cpu_s"],
+                     "network_cpu_s": r["cpu_s"], "network_wall_s": r["wall_s"],
+                     "rpn_cpu_s": r["stages_cpu_s"].get("rpn"), "detections": r["detections"]})
+    for row in rows:
+        row["total_cpu_s"] = row["proposal_cpu_s"] + row["network_cpu_s"]
+        row["proposal_share"] = row["proposal_cpu_s"] / row["total_cpu_s"] if row["total_cpu_s"] else math.nan
+    return rows
+
+
+def print_table(case: str, result: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    w, h = result["size"]
+    print(f"\n{case}: {w}x{h}, min_size {result['min_size']}, {result['images']} images, medians, "
+          "CPU seconds (1 thread); wall in brackets")
+    print(f"  {'model':36s} {'props':>6s} {'proposal s':>11s} {'network s':>18s} {'total s':>9s} "
+          f"{'prop share':>10s} {'dets':>5s}")
+    for r in rows:
+        print(f"  {r['model']:36s} {r['proposals']:6.0f} {r['proposal_cpu_s']:11.3f} "
+              f"{r['network_cpu_s']:8.3f} [{r['network_wall_s']:7.3f}] {r['total_cpu_s']:9.3f} "
+              f"{100 * r['proposal_share']:9.1f}% {r.get('detections', math.nan):5.0f}")
+    print("  proposal methods:", ", ".join(f"{m} {p['cpu_s']:.3f} s cpu [{p['wall_s']:.3f} wall], "
+                                           f"{p['proposals']:.0f} boxes" for m, p in result["proposals"].items()))
+    print("  network stages (CPU s):")
+    for key, r in result["network"].items():
+        if not key.startswith("_"):
+            print(f"    {key:14s} " + ", ".join(f"{k} {v:.4f}" for k, v in r["stages_cpu_s"].items()))
+
+
+def latency(args) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    try:
+        import cv2
+
+        cv2.setNumThreads(args.threads)
+    except ImportError:
+        pass
+    torch.manual_seed(0)
+    info = machine()
+    info["load_start"] = os.getloadavg()
+    print(f"cpu: {info.get('cpu')}  flags: {info.get('flags')}  torch {torch.__version__}, "
+          f"{torch.get_num_threads()} thread(s); load average {info['load_start']}", flush=True)
+    results: dict[str, Any] = {"machine": info, "args": vars(args), "cases": {}}
+    t0 = time.perf_counter()
+    cases = []
+    if "canvas" in args.cases:
+        cases.append(("canvas", canvas_images(args.images), args.min_size, max(args.min_size, 1333)))
+    if "real" in args.cases:
+        images, source = real_images(args.real_images or args.images, canvas_images)
+        results["real_source"] = source
+        print(f"real images: {source}", flush=True)
+        cases.append(("real", images, args.real_min_size, 1000))
+    for case, images, min_size, max_size in cases:
+        result = bench_case(case, images, min_size, max_size, args)
+        result["rcnn_fit_cpu"] = rcnn_fit(result["network"], args.rcnn_proposals, "cpu_s")
+        result["rows"] = summary_rows(result, args.rcnn_proposals)
+        results["cases"][case] = result
+    info["load_end"] = os.getloadavg()
+    results["elapsed_s"] = time.perf_counter() - t0
+    for case, result in results["cases"].items():
+        print_table(case, result, result["rows"])
+        fit = result["rcnn_fit_cpu"]
+        if fit:
+            per = ", ".join(f"{k} regions: {1000 * v:.2f} ms" for k, v in fit["per_region_measured_s"].items())
+            print(f"  R-CNN per region (CPU): {per}; fit {1000 * fit['per_region_s']:.2f} ms/region + "
+                  f"{fit['intercept_s']:.3f} s -> {fit['at_2000_s']:.1f} s at {EXTRAPOLATE_TO} (extrapolated)")
+    print(f"\nload average start {info['load_start']}, end {info['load_end']}; whole run "
+          f"{results['elapsed_s']:.0f} s wall. Wall times are noisy on a shared machine; CPU times are the measure.")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1, default=float))
+        print(f"wrote {args.out}")
+    return results
+
+
+# -- training -------------------------------------------------------------------------------------------------
+def train_config(args):
+    """The TrainConfig the ``train`` command runs (model options from the flags, then ``--set`` overrides)."""
+    from cnnlab.engine.config import DataConfig, ModelConfig, OptimConfig, TrainConfig, apply_overrides
+
+    options: dict[str, Any] = {"backbone": args.backbone, "min_size": args.min_size, "max_size": args.max_size}
+    if args.model == "faster_rcnn" and not args.torchvision_defaults:
+        options.update(LIGHT_FASTER_RCNN)
+    if args.anchor_sizes:
+        options["anchor_sizes"] = [[int(s)] for s in args.anchor_sizes.split(",")] if args.model == "faster_rcnn" \
+            else None
+        if options["anchor_sizes"] is None:
+            raise SystemExit("--anchor-sizes applies to faster_rcnn only")
+    if args.model in ("rcnn", "sppnet", "fast_rcnn"):
+        options["proposals"] = {"method": args.proposals, "max_proposals": args.max_proposals}
+    config = TrainConfig(
+        model=ModelConfig(name=args.model, options=options, channels_last=False),
+        data=DataConfig(name=args.data, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
+                        train_limit=args.train_limit, flip=args.flip, download=False),
+        optim=OptimConfig(optimizer="sgd", lr=args.lr, momentum=0.9, nesterov=False, weight_decay=1e-4,
+                          schedule=args.schedule, warmup_epochs=args.warmup_epochs),
+        epochs=args.epochs, seed=args.seed, device=args.device, threads=args.threads,
+        time_budget=args.minutes * 60, out_dir=args.out_dir, name=args.name or "", plots=not args.no_plots)
+    # model.options.KEY=VALUE here (apply_overrides sets whole fields only); the rest through apply_overrides
+    option_sets = [o for o in args.set or [] if o.startswith("model.options.")]
+    for item in option_sets:
+        key, sep, text = item.removeprefix("model.options.").partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {item!r}: expected model.options.KEY=VALUE")
+        config.model.options[key] = _literal(text)
+    rest = [o for o in args.set or [] if o not in option_sets]
+    if rest:
+        apply_overrides(config, rest)
+    return config
+
+
+def _literal(text: str) -> Any:
+    """A Python/JSON literal (``false``, ``[[16], [32]]``, ``0.5``), else the text itself."""
+    import ast
+
+    low = text.strip().lower()
+    if low in ("true", "false", "none", "null"):
+        return {"true": True, "false": False}.get(low)
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+class FirstBatches:
+    """The first ``n`` batches of a loader (``len``, ``set_epoch`` and other attributes pass through)."""
+
+    def __init__(self, batches: Any, n: int) -> None:
+        self.batches, self.n = batches, n
+
+    def __len__(self) -> int:
+        return min(self.n, len(self.batches))
+
+    def __iter__(self):
+        for i, batch in enumerate(self.batches):
+            if i == self.n:
+                return
+            yield batch
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.batches, name)
+
+
+def train(args) -> dict[str, Any] | None:
+    config = train_config(args)
+    print(config.describe(), flush=True)
+    if args.dry_run:  # the config and the model it builds; no data, no training
+        from cnnlab.engine.config import validate
+        from cnnlab.models import create_model
+
+        validate(config)
+
+        model = create_model(config.model.name, num_classes=NUM_CLASSES, **config.model.options)
+        params = sum(p.numel() for p in model.parameters())
+        print(f"dry run: {config.model.name} builds ({params / 1e6:.2f}M parameters); not training")
+        return None
+    from cnnlab.engine import train as engine_train
+
+    data = None
+    if args.val_images or args.test_images:  # the engine's own loaders, val/test cut to their first images
+        import dataclasses
+
+        from cnnlab.data.detection_data import build_detection_data
+
+        bundle = build_detection_data(config.data, torch.device(config.device), seed=config.seed)
+        cut = {}
+        for split, count in (("val", args.val_images), ("test", args.test_images)):
+            batches = getattr(bundle, split)
+            if count and batches is not None:
+                cut[split] = FirstBatches(batches, -(-count // config.data.eval_batch_size))
+                print(f"{split}: the first {len(cut[split]) * config.data.eval_batch_size} images only")
+        data = dataclasses.replace(bundle, **cut)
+    result = engine_train(config, data=data)
+    metrics = result.test.metrics if result.test is not None else {}
+    out = {"model": args.model, "backbone": args.backbone, "data": args.data, "minutes": args.minutes,
+           "run_dir": str(result.run_dir), "epochs_run": len(result.history), "best_epoch": result.best_epoch,
+           "planned_steps": result.planned_steps, "wall_s": result.wall_s, "cpu_s": result.cpu_s,
+           "test": {k: float(v) for k, v in metrics.items()}}
+    print(f"\n{args.model} ({args.backbone}) on {args.data}, {args.minutes} min budget: "
+          f"test AP {metrics.get('AP', math.nan):.4f}, AP50 {metrics.get('AP50', math.nan):.4f} "
+          f"({len(result.history)} epochs, {result.wall_s:.0f} s wall, run {result.run_dir})")
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=1))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    lat = sub.add_parser("latency", help="per-image inference time per stage of the four detectors")
+    lat.add_argument("--backbone", default="resnet18")
+    lat.add_argument("--images", type=int, default=4, help="images per case (medians over them)")
+    lat.add_argument("--real-images", type=int, default=0, help="images in the real case (default --images)")
+    lat.add_argument("--threads", type=int, default=1, help="torch and OpenCV threads")
+    lat.add_argument("--min-size", type=int, default=128, help="canvas case: short side the models resize to")
+    lat.add_argument("--real-min-size", type=int, default=375, help="real case: short side (375: no resize)")
+    lat.add_argument("--cases", nargs="+", default=["canvas", "real"], choices=["canvas", "real"])
+    lat.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    lat.add_argument("--proposal-methods", nargs="+", default=list(PROPOSAL_METHODS), choices=PROPOSAL_METHODS)
+    lat.add_argument("--rcnn-proposals", type=int, nargs="+", default=[100, 200],
+                     help="R-CNN region counts (>= 2 for the linear extrapolation to 2,000)")
+    lat.add_argument("--fast-rcnn-proposals", type=int, nargs="*", default=[2000],
+                     help="also time Fast R-CNN with selective-search boxes padded to these counts")
+    lat.add_argument("--faster-rcnn-proposals", type=int, nargs="*", default=[300, 1000],
+                     help="also time Faster R-CNN (C4) with the RPN keeping these many boxes (its NMS at 0.99)")
+    lat.add_argument("--out", help="JSON file for all numbers")
+
+    tr = sub.add_parser("train", help="train with a time budget through cnnlab.engine.train, print test AP/AP50")
+    tr.add_argument("--model", default="faster_rcnn", choices=TRAIN_MODELS)
+    tr.add_argument("--backbone", default="resnet18")
+    tr.add_argument("--data", default="fashion_det", help="fashion_det or trees")
+    tr.add_argument("--minutes", type=float, default=20.0, help="budget of the whole run (time_budget)")
+    tr.add_argument("--epochs", type=int, default=100, help="upper limit; the budget decides")
+    tr.add_argument("--batch-size", type=int, default=8)
+    tr.add_argument("--eval-batch-size", type=int, default=32)
+    tr.add_argument("--lr", type=float, default=0.02)
+    tr.add_argument("--schedule", default="cosine")
+    tr.add_argument("--warmup-epochs", type=float, default=0.0)
+    tr.add_argument("--min-size", type=int, default=128)
+    tr.add_argument("--max-size", type=int, default=1333)
+    tr.add_argument("--torchvision-defaults", action="store_true",
+                    help="faster_rcnn with torchvision's head settings, not LIGHT_FASTER_RCNN")
+    tr.add_argument("--anchor-sizes", default="", help="faster_rcnn, FPN: a size per level: 16,32,64,128,256")
+    tr.add_argument("--proposals", default="grid", help="rcnn/sppnet/fast_rcnn proposal method (grid: no search cost)")
+    tr.add_argument("--max-proposals", type=int, default=2000)
+    tr.add_argument("--train-limit", type=int, default=0)
+    tr.add_argument("--val-images", type=int, default=0, help="validate on the first N val images (0: all)")
+    tr.add_argument("--test-images", type=int, default=0, help="test on the first N test images (0: all)")
+    tr.add_argument("--flip", action="store_true")
+    # 1: on the shared 2-core machine two OpenMP threads spin-wait on each other (5-8 s per step instead of 1.3)
+    tr.add_argument("--threads", type=int, default=1)
+    tr.add_argument("--device", default="cpu")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--out-dir", default="runs/bench_detection")
+    tr.add_argument("--name", default="")
+    tr.add_argument("--no-plots", action="store_true")
+    tr.add_argument("--set", action="append", metavar="KEY=VALUE", help="a TrainConfig override (repeatable)")
+    tr.add_argument("--dry-run", action="store_true", help="print the config and build the model only")
+    tr.add_argument("--out", help="JSON file for the result")
+
+    args = parser.parse_args(argv)
+    if args.command == "latency":
+        if any(c < 1 for c in args.rcnn_proposals) or args.images < 1:
+            parser.error("--images and --rcnn-proposals must be >= 1")
+        latency(args)
+    else:
+        train(args)
+
+
+if __name__ == "__main__":
+    main()
