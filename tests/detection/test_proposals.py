@@ -121,7 +121,7 @@ def test_proposer_cache_computes_each_image_once(monkeypatch):
     proposer = RegionProposer({"method": "grid", "max_proposals": 100})
     a, b = torch.rand(3, 40, 48), torch.rand(3, 40, 48)
     for _ in range(3):  # three "epochs"
-        first, second = proposer(a), proposer(b)
+        first, _ = proposer(a), proposer(b)
     assert len(calls) == 2 and proposer.misses == 2 and proposer.hits == 4
     torch.testing.assert_close(first, real((40, 48), max_proposals=100))
     assert image_key(a) != image_key(b) and image_key(a) == image_key(a.clone())

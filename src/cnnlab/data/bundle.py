@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from cnnlab._errors import CnnlabError
 from cnnlab.data import augment as A
 from cnnlab.data import datasets as D
-from cnnlab.data.config import DataConfig
+from cnnlab.data.config import DataConfig, is_detection_data
 from cnnlab.data.folder import ImageFolder, folder_loader, folder_splits, read_image
 from cnnlab.data.loader import TensorLoader, prepare_batch
 from cnnlab.data.preprocess import Normalize, PCAWhiten
@@ -196,8 +196,6 @@ def stratified_subset(labels: torch.Tensor, n: int, seed: int = SUBSET_SEED) -> 
 def build_data(config: DataConfig, device: torch.device, *, seed: int = 0, channels_last: bool = False,
                in_channels: int | None = None) -> DataBundle:
     """Load the dataset named in ``config`` (or an image folder) and wrap it in device batches."""
-    from cnnlab.data.detection_data import is_detection_data  # here: detection_data builds on this module
-
     if is_detection_data(config.name):  # before the folder rule: voc:/path has a "/" in it
         raise CnnlabError(f"data {config.name!r} is a detection dataset (images with boxes), not images with one "
                           f"class each: train a detection model on it (`cnnlab models --task detection`)")

@@ -8,13 +8,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+# detection datasets (cnnlab.data.detection_data builds them): named here so any builder can tell them apart
+DETECTION_DATASETS = ("fashion_det", "trees")
+PREFIXES = ("voc:", "coco:")
+
+
+def is_detection_data(name: str) -> bool:
+    """Whether ``data.name`` names a detection set (for a dispatcher such as ``build_data``)."""
+    return name in DETECTION_DATASETS or name.startswith(PREFIXES)
+
+
 @dataclass
 class DataConfig:
     """Dataset, split, preprocessing and augmentation.
 
     Args:
         name: a dataset name (``fashion_mnist``, ``mnist``, ``cifar10``, ``cifar100``, ``digits``,
-            ``mnist_5k``) or a folder with one sub-folder of images per class.
+            ``mnist_5k``) or a folder with one sub-folder of images per class; for detection models
+            ``fashion_det``, ``trees``, ``voc:PATH`` or ``coco:PATH/annotations.json``.
         root: where the files are cached, in torchvision's layout (default ``~/.cache/cnnlab/data/<name>``).
         val_fraction: share of the training split held out for validation (fixed by the seed).
         image_size: resize the images to this square size (named datasets: once, when loaded); None keeps theirs.

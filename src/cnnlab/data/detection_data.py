@@ -32,24 +32,16 @@ from cnnlab.data.annotated import CocoDetection, VOCDetection
 from cnnlab.data.annotations import drop_degenerate_boxes, read_split, voc_class_names
 from cnnlab.data.bundle import DataBundle
 from cnnlab.data.collate import batch_to_device, collate_detection
-from cnnlab.data.config import DataConfig
+from cnnlab.data.config import DETECTION_DATASETS, PREFIXES, DataConfig, is_detection_data  # noqa: F401  (re-exported)
 from cnnlab.data.fashion_det import FASHION_CLASSES, FashionDetConfig, load_fashion_det
 from cnnlab.data.joint_transforms import JointAugment, detection_transforms
-
-DETECTION_DATASETS = ("fashion_det", "trees")
-PREFIXES = ("voc:", "coco:")
-_EPOCH_MIX = 1_000_003  # the classification loaders' (seed, epoch) mixing, kept the same
-FASHION_DET_CONFIG = FashionDetConfig()  # the canvases --data fashion_det trains on (see fashion_det.py)
-
-
-def is_detection_data(name: str) -> bool:
-    """Whether ``data.name`` names a detection set (for a dispatcher such as ``build_data``)."""
-    return name in DETECTION_DATASETS or name.startswith(PREFIXES)
-
 
 # batched classification augmentations that move pixels without boxes (or mix labels): refused, not ignored
 REFUSED = ("vflip", "crop_padding", "resized_crop_scale", "rotate", "translate", "scale", "shear", "hue",
            "cutout", "mixup", "cutmix")
+
+_EPOCH_MIX = 1_000_003  # the classification loaders' (seed, epoch) mixing, kept the same
+FASHION_DET_CONFIG = FashionDetConfig()  # the canvases --data fashion_det trains on (see fashion_det.py)
 
 
 def _augment(config: DataConfig) -> JointAugment:
