@@ -15,6 +15,7 @@ from PIL import Image
 from cnnlab.cli.main import main
 from cnnlab.engine import train
 from cnnlab.engine.tasks.detection import DetectionTask, draw_detections
+from tests.engine.test_detection_ddp import write_coco
 from tests.engine.test_detection_task import CLASSES, MODEL, det_config, make_bundle, make_items
 
 
@@ -147,18 +148,7 @@ def test_a_coco_folder_trains_evaluates_and_detects_through_the_real_data_path(t
     """`cnnlab train --data coco:FILE`, `cnnlab eval RUN` and `cnnlab detect` with cnnlab.data.detection_data."""
     pytest.importorskip("cnnlab.data.detection_data")
     items = make_items(20, 11)  # the file order's split: index 4, 14 validation, 9, 19 test, the rest training
-    (tmp_path / "images").mkdir()
-    images, annotations = [], []
-    for i, (image, target) in enumerate(items):
-        name = f"images/{i:02d}.png"
-        Image.fromarray((image * 255).round().byte().permute(1, 2, 0).numpy()).save(tmp_path / name)
-        images.append({"id": i + 1, "file_name": name, "width": image.shape[2], "height": image.shape[1]})
-        for box, label in zip(target["boxes"].tolist(), target["labels"].tolist()):
-            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": label, "iscrowd": 0,
-                                "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]})
-    categories = [{"id": 1, "name": "square"}, {"id": 2, "name": "bar"}]
-    (tmp_path / "annotations.json").write_text(json.dumps({"images": images, "annotations": annotations,
-                                                           "categories": categories}))
+    write_coco(tmp_path, items)
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--model", MODEL, "--data", "coco:annotations.json", "--epochs", "1", "--name", "coco",
                  "--quiet", "--device", "cpu", "--set", "data.batch_size=4", "--set", "optim.lr=0.01",

@@ -13,10 +13,11 @@ from PIL import Image
 from tests.engine.test_detection_task import make_items
 
 
-def _write_coco(root: Path, n: int = 20) -> None:
+def write_coco(root: Path, items: list) -> None:
+    """``items`` (image, target) as a COCO folder: ``root/annotations.json`` and ``root/images/NN.png``."""
     (root / "images").mkdir()
     images, annotations = [], []
-    for i, (image, target) in enumerate(make_items(n, 11)):
+    for i, (image, target) in enumerate(items):
         name = f"images/{i:02d}.png"
         Image.fromarray((image * 255).round().byte().permute(1, 2, 0).numpy()).save(root / name)
         images.append({"id": i + 1, "file_name": name, "width": image.shape[2], "height": image.shape[1]})
@@ -30,7 +31,7 @@ def _write_coco(root: Path, n: int = 20) -> None:
 
 @pytest.mark.slow
 def test_a_detector_trains_under_torchrun(tmp_path):
-    _write_coco(tmp_path)
+    write_coco(tmp_path, make_items(20, 11))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "cnnlab.cli.main",
            "train", "--model", "faster_rcnn", "--data", "coco:annotations.json", "--epochs", "1", "--device", "cpu",
            "--out-dir", "out", "--name", "ddp", "--set", "data.batch_size=4", "--set", "plots=false",
