@@ -441,30 +441,9 @@ def train_config(args):
                           schedule=args.schedule, warmup_epochs=args.warmup_epochs),
         epochs=args.epochs, seed=args.seed, device=args.device, threads=args.threads,
         time_budget=args.minutes * 60, out_dir=args.out_dir, name=args.name or "", plots=not args.no_plots)
-    # model.options.KEY=VALUE here (apply_overrides sets whole fields only); the rest through apply_overrides
-    option_sets = [o for o in args.set or [] if o.startswith("model.options.")]
-    for item in option_sets:
-        key, sep, text = item.removeprefix("model.options.").partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--set {item!r}: expected model.options.KEY=VALUE")
-        config.model.options[key] = _literal(text)
-    rest = [o for o in args.set or [] if o not in option_sets]
-    if rest:
-        apply_overrides(config, rest)
+    if args.set:
+        apply_overrides(config, args.set)  # model.options.KEY=VALUE included
     return config
-
-
-def _literal(text: str) -> Any:
-    """A Python/JSON literal (``false``, ``[[16], [32]]``, ``0.5``), else the text itself."""
-    import ast
-
-    low = text.strip().lower()
-    if low in ("true", "false", "none", "null"):
-        return {"true": True, "false": False}.get(low)
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
 
 
 class FirstBatches:

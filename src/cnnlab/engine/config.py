@@ -221,14 +221,22 @@ def _parse(text: str, kind: Any, key: str) -> Any:
     raise CnnlabError(f"{key}: cannot read {text!r} as {getattr(kind, '__name__', kind)}")
 
 
-def _literal(text: str) -> Any:
+def _json_or_python(text: str) -> Any:
+    """``text`` read as JSON, else as a Python literal; a ValueError when it is neither."""
     try:
         return json.loads(text)
     except json.JSONDecodeError:
         pass
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except SyntaxError as e:
+        raise ValueError(str(e)) from None
+
+
+def _literal(text: str) -> Any:
+    try:
+        return _json_or_python(text)
+    except ValueError:
         inner = text.strip()
         if inner[:1] == "[" and inner[-1:] == "]":  # '[stem,stages.0]': a list typed without quotes
             inner = inner[1:-1]
@@ -242,12 +250,8 @@ DICT_KEYS = ("model.options", "model.lr_mult")
 def _option_value(text: str) -> Any:
     """A model option's value: JSON or a Python literal (3, 0.5, true, [1, 2], "x"), else the text itself."""
     try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        pass
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+        return _json_or_python(text)
+    except ValueError:
         return text
 
 

@@ -9,6 +9,20 @@ from torch import nn
 from cnnlab._errors import CnnlabError
 
 
+def load_model_weights(model: nn.Module, weights: Any, name: str, default_head: str) -> None:
+    """``model.weights=FILE`` into ``model``: every tensor must fit but the head's (``model.head_name``), which
+    may differ in size when the number of classes changed (fine-tuning on new classes)."""
+    from cnnlab.models import load_weights
+
+    result = load_weights(model, weights, strict=False)
+    head = getattr(model, "head_name", default_head)
+    bad = [k for k in result.missing + result.unexpected + [m.split(":")[0] for m in result.mismatched]
+           if not (k == head or k.startswith(head + "."))]
+    if bad:
+        raise CnnlabError(f"model.weights={weights} does not fit {name}: {', '.join(bad[:8])}"
+                          + (" ..." if len(bad) > 8 else ""))
+
+
 def build_registered_model(config: Any, input_shape: tuple[int, ...], weights: str | None,
                            num_classes: int | None = None) -> nn.Module:
     """``create_model(config.model.name, ...)`` for images of ``input_shape`` (C, H, W).
@@ -16,7 +30,7 @@ def build_registered_model(config: Any, input_shape: tuple[int, ...], weights: s
     ``weights`` is ``"torchvision"``/``"timm"`` (pretrained, head replaced for ``num_classes``) or a
     weights file: everything but a classifier head of another size must fit (transfer learning).
     """
-    from cnnlab.models import create_model, load_weights
+    from cnnlab.models import create_model
 
     from_file = weights is not None and weights not in ("torchvision", "timm")
     options = dict(config.model.options)
@@ -31,13 +45,7 @@ def build_registered_model(config: Any, input_shape: tuple[int, ...], weights: s
     model = create_model(config.model.name, in_channels=input_shape[0], weights=None if from_file else weights,
                          **extra, **options)
     if from_file:
-        result = load_weights(model, weights, strict=False)
-        head = getattr(model, "head_name", "fc")
-        bad = [k for k in result.missing + result.unexpected + [m.split(":")[0] for m in result.mismatched]
-               if not (k == head or k.startswith(head + "."))]
-        if bad:
-            raise CnnlabError(f"model.weights={weights} does not fit {config.model.name}: {', '.join(bad[:8])}"
-                              + (" ..." if len(bad) > 8 else ""))
+        load_model_weights(model, weights, config.model.name, default_head="fc")
     check = getattr(model, "check_input", None)
     if check is not None:
         try:

@@ -190,7 +190,8 @@ class DetectionTask(Task):
         return build_detection_data(config.data, device, seed=config.seed)
 
     def build_model(self, config, data, weights):
-        from cnnlab.models import create_model, load_weights
+        from cnnlab.engine.tasks._model import load_model_weights
+        from cnnlab.models import create_model
 
         options = dict(config.model.options)
         kwargs = self.model_kwargs(data.num_classes, data.input_shape)
@@ -203,13 +204,7 @@ class DetectionTask(Task):
         from_file = weights is not None and weights not in ("torchvision", "timm")
         model = create_model(config.model.name, weights=None if from_file else weights, **kwargs, **options)
         if from_file:  # a whole detector's weights; only its class-specific predictor may differ in size
-            result = load_weights(model, weights, strict=False)
-            head = getattr(model, "head_name", "roi_heads.box_predictor")
-            bad = [k for k in result.missing + result.unexpected + [m.split(":")[0] for m in result.mismatched]
-                   if not (k == head or k.startswith(head + "."))]
-            if bad:
-                raise CnnlabError(f"model.weights={weights} does not fit {config.model.name}: {', '.join(bad[:8])}"
-                                  + (" ..." if len(bad) > 8 else ""))
+            load_model_weights(model, weights, config.model.name, default_head="roi_heads.box_predictor")
         return model
 
     def prepare(self, data) -> None:
