@@ -156,9 +156,11 @@ def test_two_processes_share_one_study(tmp_path):
     assert len(done) == 8 and len({t.params["optim.lr"] for t in done}) == 8
     workers = {t.user_attrs["worker"] for t in done}
     assert len(workers) == 2  # both processes trained trials
-    for i in range(2):  # each worker's table holds every trial of the study
-        rows = list(csv.DictReader(open(tmp_path / f"w{i}" / "search.csv")))
-        assert sum(r["state"] == "complete" for r in rows) == 8
+    # Each worker's table holds every trial of the study as it stood when that worker stopped: the worker that
+    # stops first may still see the other's last trial running; the one that stops last sees all 8 complete.
+    states = [[r["state"] for r in csv.DictReader(open(tmp_path / f"w{i}" / "search.csv"))] for i in range(2)]
+    assert all(len(s) == 8 and set(s) <= {"complete", "running"} for s in states), states
+    assert max(s.count("complete") for s in states) == 8, states
 
 
 def test_cli_resume(tmp_path, monkeypatch, capsys):

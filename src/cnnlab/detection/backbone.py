@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -230,6 +231,7 @@ def build_backbone(
     norm_layer: str | Callable[..., nn.Module] | None = None,
     fpn_channels: int = 256,
     in_channels: int = 3,
+    model_options: Mapping[str, Any] | None = None,
 ) -> Backbone:
     """A registered classifier as a detection backbone.
 
@@ -244,6 +246,8 @@ def build_backbone(
             another layer name or factory (passed to the classifier); None: frozen with weights, batchnorm without.
         fpn_channels: channels of every FPN level.
         in_channels: input image channels.
+        model_options: more keyword arguments of the classifier's builder (``{"output_stride": 8}`` for a dilated
+            ResNet, as DeepLab needs).
     """
     from cnnlab.models.registry import create_model, model_info
 
@@ -253,7 +257,7 @@ def build_backbone(
                           "(cnnlab.list_models(task='classification'))")
     if norm_layer is None:
         norm_layer = "frozen_batchnorm" if weights is not None else "batchnorm"
-    options = {}
+    options = dict(model_options or {})
     if not (isinstance(norm_layer, str) and norm_layer.lower() in FROZEN + ("batchnorm",)) \
             and norm_layer is not FrozenBatchNorm2d:
         options["norm_layer"] = norm_layer
