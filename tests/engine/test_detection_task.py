@@ -380,3 +380,46 @@ def test_cnnlab_faster_rcnn_trains_resumes_exactly_and_reloads(tmp_path):
     assert row["train_loss"] == pytest.approx(sum(v for k, v in row.items() if k.startswith("train_loss_")), rel=1e-5)
     run = load_run(tmp_path / "straight")
     assert all(torch.equal(a, b) for a, b in zip(run.model.state_dict().values(), straight.model.state_dict().values()))
+
+
+# ---------------------------------------------------------------- the one-stage detectors through the same engine
+
+ONE_STAGE = {
+    "ssd": {"backbone": "fmnist_net", "size": 64},
+    "retinanet": {"backbone": "fmnist_net", "min_size": 64, "max_size": 96, "fpn_channels": 32},
+    "yolov1": {"backbone": "fmnist_net", "size": 64, "grid_size": 4},
+    "yolov3": {"backbone": "resnet18", "size": 64, "anchors": "kmeans", "anchors_per_scale": 1},
+}
+
+
+@pytest.mark.parametrize("name", sorted(ONE_STAGE))
+def test_one_stage_detectors_train_and_resume_exactly(tmp_path, name):
+    """1 epoch + resume = 2 epochs straight, bitwise; yolov3's k-means anchors are fitted from the training boxes
+    by the task (and travel in the checkpoint)."""
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_one(row):
+        if row["epoch"] == 1:
+            raise Interrupted
+
+    def config(run):
+        c = det_config(tmp_path, run)
+        c.model.name, c.model.options = name, dict(ONE_STAGE[name])
+        c.optim = OptimConfig(optimizer="adamw", lr=1e-3, schedule="constant", weight_decay=1e-4)
+        return c
+
+    bundle = lambda: make_bundle(n_train=8, n_val=4, n_test=4)  # noqa: E731
+    straight = train(config("straight"), data=bundle())
+    with pytest.raises(Interrupted):
+        train(config("split"), data=bundle(), callbacks=[stop_after_one])
+    train(config("split"), data=bundle(), resume=True)
+    for file in ("last.safetensors", "last.state.safetensors"):
+        a, b = load_file(tmp_path / "straight" / file), load_file(tmp_path / "split" / file)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), file
+    row = straight.history[-1]
+    assert math.isfinite(row["train_loss"]) and "val_AP" in row
+    assert row["train_loss"] == pytest.approx(sum(v for k, v in row.items() if k.startswith("train_loss_")), rel=1e-5)
+    if name == "yolov3":  # anchors fitted by k-means to the data's boxes, in the model's 64 px input
+        anchors = load_file(tmp_path / "straight" / "last.safetensors")["anchors"]
+        assert anchors.shape == (3, 2) and (anchors > 2).all() and (anchors < 64).all()

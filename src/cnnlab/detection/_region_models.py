@@ -322,6 +322,9 @@ def conv_pass_detector(
     body = build_backbone(backbone, fpn=fpn, returned_stages=stages,
                           weights=backbone_weights, trainable_layers=trainable_backbone_layers, norm_layer=norm_layer,
                           fpn_channels=fpn_channels, in_channels=in_channels)
+    if body.out_channels is None:  # several stages of different widths, no FPN to even them out
+        raise CnnlabError(f"without an FPN the RoI head pools one map: return one stage (returned_stages=N) or use "
+                          f"fpn=True; got stages with {body.channels} channels")
     box_roi_pool, pooled = pool_factory(body)
     heads = RegionHeads(box_roi_pool, TwoMLPHead(pooled, representation_size),
                         FastRCNNPredictor(representation_size, num_classes), head)

@@ -4,8 +4,8 @@
 classification run folder, or a weights file: transfer learning, as the notes recommend), freezes its
 batch norms and its first stages, drops what detection does not run (the classifier head, stages after
 the last one returned), and taps the chosen stages' outputs. With ``fpn=True`` a feature pyramid
-(Lin et al. 2017, ``torchvision.ops.FeaturePyramidNetwork`` plus a max-pooled extra level) turns them
-into maps of ``fpn_channels`` channels each.
+(Lin et al. 2017, ``torchvision.ops.FeaturePyramidNetwork`` plus an extra level: max-pooled for Faster R-CNN,
+or RetinaNet's P6 and P7 by strided convs) turns them into maps of ``fpn_channels`` channels each.
 
 state_dict layout, as torchvision's ``BackboneWithFPN``: ``body.*`` is the classifier in cnnlab's own
 layout (``body.stem.conv.weight``, ``body.layer1.0...``), ``fpn.inner_blocks.*``/``fpn.layer_blocks.*``
@@ -22,21 +22,25 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
 from cnnlab._errors import CnnlabError
 from cnnlab.models.base import FeatureInfo
 
-__all__ = ["Backbone", "build_backbone", "default_stages", "freeze_batchnorm", "load_backbone_weights"]
+__all__ = ["Backbone", "build_backbone", "run_tapped", "default_stages", "freeze_batchnorm", "load_backbone_weights"]
 
 FROZEN = ("frozen_batchnorm", "frozenbatchnorm", "frozen")
+# the FPN's extra levels above the last stage: "pool" (Faster R-CNN's P6, a stride-2 max pool of P5; for the RPN),
+# "p6p7" (RetinaNet's P6 and P7, 3x3 stride-2 convs from P5, as torchvision's retinanet_resnet50_fpn),
+# "p6p7_c5" (the same from C5, the last stage's own map, as Lin et al. 2017 and torchvision's v2 builder)
+EXTRA_BLOCKS = ("pool", "p6p7", "p6p7_c5")
 
 
 class _StopForward(Exception):
     """Raised by the last tapped stage's hook: the rest of the classifier is not needed."""
 
 
-def _run_tapped(model: nn.Module, x: Tensor, modules: Sequence[str]) -> dict[str, Tensor]:
+def run_tapped(model: nn.Module, x: Tensor, modules: Sequence[str]) -> dict[str, Tensor]:
     """Run ``model.forward_features(x)`` up to the last of ``modules``; their outputs by module path."""
     outputs: dict[str, Tensor] = {}
     last = modules[-1]
@@ -69,9 +73,11 @@ class Backbone(nn.Module):
         body: the classifier (a ``cnnlab.models.base.Classifier``).
         stages: the ``FeatureInfo`` rows of the stages returned, in order.
         fpn_channels: channels of every FPN level; None returns the stages' own maps.
+        extra_block: the FPN's extra levels, one of :data:`EXTRA_BLOCKS` (default ``"pool"``).
     """
 
-    def __init__(self, body: nn.Module, stages: Sequence[FeatureInfo], fpn_channels: int | None = None) -> None:
+    def __init__(self, body: nn.Module, stages: Sequence[FeatureInfo], fpn_channels: int | None = None,
+                 extra_block: str = "pool") -> None:
         super().__init__()
         # the normalisation the body was trained with (set from a run folder's); None: the detector's default
         self.image_mean: tuple[float, ...] | None = None
@@ -79,24 +85,35 @@ class Backbone(nn.Module):
         self.body = body
         self.stages = list(stages)
         self.fpn: FeaturePyramidNetwork | None = None
+        extra_names: list[str] = []
         if fpn_channels is not None:
-            self.fpn = FeaturePyramidNetwork([s.channels for s in self.stages], fpn_channels,
-                                             extra_blocks=LastLevelMaxPool())
+            extra, extra_names = _extra_block(extra_block, self.stages[-1].channels, fpn_channels)
+            self.fpn = FeaturePyramidNetwork([s.channels for s in self.stages], fpn_channels, extra_blocks=extra)
             self.out_channels = fpn_channels
-        else:
-            if len({s.channels for s in self.stages}) != 1:
-                raise CnnlabError(f"without an FPN the returned stages must have the same channels (one RPN head "
-                                  f"serves them all), got {[s.channels for s in self.stages]}; "
-                                  "return one stage or use fpn=True")
-            self.out_channels = self.stages[0].channels
-        # the feature maps' names, as torchvision's ("0", "1", ..., plus "pool" from the FPN's extra level)
-        self.names = [str(i) for i in range(len(self.stages))] + (["pool"] if self.fpn is not None else [])
-        self.strides = [s.stride for s in self.stages] + ([self.stages[-1].stride * 2] if self.fpn is not None else [])
+        else:  # the stages' own maps; out_channels only when they agree (heads shared by every map need that)
+            self.channels = [s.channels for s in self.stages]
+            self.out_channels = self.channels[0] if len(set(self.channels)) == 1 else None
+        # the maps' names, as torchvision's ("0", "1", ..., plus "pool" or "p6", "p7" from the FPN's extra block)
+        self.names = [str(i) for i in range(len(self.stages))] + extra_names
+        self.strides = [s.stride for s in self.stages] + [self.stages[-1].stride * 2 ** (i + 1)
+                                                          for i in range(len(extra_names))]
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
-        taps = _run_tapped(self.body, x, [s.module for s in self.stages])
+        taps = run_tapped(self.body, x, [s.module for s in self.stages])
         features = OrderedDict((str(i), taps[s.module]) for i, s in enumerate(self.stages))
         return self.fpn(features) if self.fpn is not None else features
+
+
+def _extra_block(kind: str, last_channels: int, fpn_channels: int) -> tuple[ExtraFPNBlock, list[str]]:
+    """The FPN's extra block of ``kind`` (see :data:`EXTRA_BLOCKS`) and the names of the maps it adds."""
+    if kind == "pool":
+        return LastLevelMaxPool(), ["pool"]
+    if kind in ("p6p7", "p6p7_c5"):
+        block = LastLevelP6P7(fpn_channels if kind == "p6p7" else last_channels, fpn_channels)
+        block.use_P5 = kind == "p6p7"  # torchvision picks P5 whenever the channels agree; the name decides here
+        return block, ["p6", "p7"]
+    raise CnnlabError(f"extra_block must be one of {', '.join(EXTRA_BLOCKS)} (the FPN's levels above the last stage), "
+                      f"got {kind!r}")
 
 
 def default_stages(feature_info: Sequence[FeatureInfo], fpn: bool) -> list[int]:
@@ -157,7 +174,7 @@ def _probe(model: nn.Module, stages: Sequence[FeatureInfo], channels: int) -> tu
     device = first.device if first is not None else None
     try:
         with torch.no_grad():
-            _run_tapped(model, torch.zeros(1, channels, size, size, device=device), [s.module for s in stages])
+            run_tapped(model, torch.zeros(1, channels, size, size, device=device), [s.module for s in stages])
     finally:
         for h in handles:
             h.remove()
@@ -232,6 +249,7 @@ def build_backbone(
     fpn_channels: int = 256,
     in_channels: int = 3,
     model_options: Mapping[str, Any] | None = None,
+    extra_block: str = "pool",
 ) -> Backbone:
     """A registered classifier as a detection backbone.
 
@@ -245,6 +263,8 @@ def build_backbone(
         norm_layer: ``"frozen_batchnorm"`` (every BatchNorm2d frozen), ``"batchnorm"`` (kept, batch statistics),
             another layer name or factory (passed to the classifier); None: frozen with weights, batchnorm without.
         fpn_channels: channels of every FPN level.
+        extra_block: the FPN's levels above the last stage (:data:`EXTRA_BLOCKS`): ``"pool"`` (Faster R-CNN's),
+            ``"p6p7"`` (RetinaNet's P6, P7 from P5, as torchvision), ``"p6p7_c5"`` (from C5, as the paper).
         in_channels: input image channels.
         model_options: more keyword arguments of the classifier's builder (``{"output_stride": 8}`` for a dilated
             ResNet, as DeepLab needs).
@@ -255,6 +275,8 @@ def build_backbone(
     if info.task != "classification":
         raise CnnlabError(f"backbone={name!r} is a {info.task} model; a backbone must be a registered classifier "
                           "(cnnlab.list_models(task='classification'))")
+    if extra_block not in EXTRA_BLOCKS:  # a typo fails before the classifier is built
+        _extra_block(extra_block, 0, 0)
     if norm_layer is None:
         norm_layer = "frozen_batchnorm" if weights is not None else "batchnorm"
     options = dict(model_options or {})
@@ -289,7 +311,7 @@ def build_backbone(
         if stage < first_trainable:
             for p in model.get_submodule(module_name).parameters(recurse=False):
                 p.requires_grad_(False)
-    backbone = Backbone(model, stages, fpn_channels if fpn else None)
+    backbone = Backbone(model, stages, fpn_channels if fpn else None, extra_block=extra_block)
     if norm is not None and len(norm["mean"]) in (1, in_channels):  # the run's normalisation, per input channel
         backbone.image_mean = tuple(norm["mean"] * (in_channels // len(norm["mean"])))
         backbone.image_std = tuple(norm["std"] * (in_channels // len(norm["std"])))

@@ -142,7 +142,10 @@ class FasterRCNN(GeneralizedRCNN):
                               f"got {num_classes!r}")
         channels = getattr(backbone, "out_channels", None)
         if not isinstance(channels, int):
-            raise CnnlabError("the backbone needs an out_channels attribute (the channels of its feature maps)")
+            found = getattr(backbone, "channels", None)
+            raise CnnlabError(f"without an FPN the returned stages must have the same channels (one RPN head serves "
+                              f"them all), got {found}; return one stage or use fpn=True" if found else
+                              "the backbone needs an out_channels attribute (the channels of its feature maps)")
         names = list(getattr(backbone, "names", ["0"]))
         strides = getattr(backbone, "strides", None)
 

@@ -126,6 +126,23 @@ def _chunks(batches: Any, size: int = EVAL_CHUNK):
             yield images[start:start + size], targets[start:start + size]
 
 
+def training_box_wh(model: nn.Module, batches: Any) -> torch.Tensor:
+    """(N, 2) widths and heights of every training box in the model's input pixels (``model.input_box_wh``), crowd
+    and degenerate boxes left out. Tensor-resident sets are read directly; others in one pass over the batches,
+    with the global RNG streams untouched (the run's augmentation draws stay those of a run without the pass)."""
+    if all(hasattr(batches, a) for a in ("boxes", "offsets", "images")):  # TensorDetectionBatches: one image size
+        boxes = batches.boxes.float()
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        return model.input_box_wh(boxes[keep], tuple(batches.images.shape[-2:])).cpu()
+    found = []
+    with torch.random.fork_rng(devices=[]):
+        for batch in batches:
+            images, targets = unpack_batch(batch)
+            for image, target in zip(images, model_targets(targets, drop_degenerate=True)):
+                found.append(model.input_box_wh(target["boxes"], tuple(image.shape[-2:])).cpu())
+    return torch.cat(found) if found else torch.zeros(0, 2)
+
+
 class _DetectionMeter(LossMeter):
     """The mean total loss and the mean of each named loss, summed on the device (one host sync per epoch)."""
 
@@ -203,7 +220,9 @@ class DetectionTask(Task):
         options.pop("in_channels", None)
         from_file = weights is not None and weights not in ("torchvision", "timm")
         model = create_model(config.model.name, weights=None if from_file else weights, **kwargs, **options)
-        if from_file:  # a whole detector's weights; only its class-specific predictor may differ in size
+        if callable(getattr(model, "fit_to_data", None)):  # parts fitted to the data (YOLOv3's k-means anchors)
+            model.fit_to_data(training_box_wh(model, data.train), seed=config.seed)
+        if from_file:  # (a checkpoint's fitted parts, anchors included, replace the fit)  # a whole detector's weights; only its class-specific predictor may differ in size
             load_model_weights(model, weights, config.model.name, default_head="roi_heads.box_predictor")
         return model
 
