@@ -290,6 +290,15 @@ def propagate(name: str, args: Sequence, kwargs: dict, out: torch.Tensor, inputs
                                              a.start + (min(reads0) + max(reads0)) / 2 * a.jump)
             return RF(tuple(axes), first.whole)
         return _windowed(first, kernel, stride, padding, dilation)
+    if name.startswith("max_unpool"):  # (input, indices, kernel_size, stride, padding, output_size)
+        n = int(name[len("max_unpool")])
+        kernel = _ntuple(_arg(args, kwargs, 2, "kernel_size"), n)
+        stride = _ntuple(_arg(args, kwargs, 3, "stride", None) or kernel, n)
+        axes = list(first.axes)
+        for i in range(n):  # every output pixel copies (or zeroes) the pooled pixel of its block
+            a = axes[spatial - n + i]
+            axes[spatial - n + i] = Axis(a.size, a.jump / stride[i], a.start - (stride[i] - 1) / 2 * a.jump / stride[i])
+        return RF(tuple(axes), first.whole)
     if name in _POOLS and not name.startswith("adaptive"):
         n = int(name.split("pool")[1][0])
         kernel = _ntuple(_arg(args, kwargs, 1 if not name.startswith("lp") else 2, "kernel_size"), n)

@@ -105,7 +105,8 @@ def _candidate_layouts(model: nn.Module, state_dict: StateDict) -> dict[str, Sta
     except CnnlabError:
         info = None
     if info is not None:
-        for source in PRETRAINED_SOURCES:
+        # every converter of the model or its family: the pretrained sources' and others' (smp for unet, pspnet)
+        for source in dict.fromkeys([*PRETRAINED_SOURCES, *info.family.converters, *info.converters]):
             convert = info.converter(source)
             if convert is None:
                 continue

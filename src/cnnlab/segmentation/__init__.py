@@ -12,5 +12,6 @@ for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
         importlib.import_module(f"{__name__}.{_module}")
 
 from cnnlab.segmentation.autoencoder import AutoencoderStage, ConvAutoencoder, conv_autoencoder  # noqa: E402
+from cnnlab.segmentation.metrics import SegmentationMetrics  # noqa: E402
 
-__all__ = ["AutoencoderStage", "ConvAutoencoder", "conv_autoencoder"]
+__all__ = ["AutoencoderStage", "ConvAutoencoder", "SegmentationMetrics", "conv_autoencoder"]
