@@ -110,7 +110,24 @@ def _eval_task(args: argparse.Namespace, run, device) -> int:
     print("  " + task.headline(result) + (f", loss {result.loss:.4f}" if run.task == "detection" else ""))
     if run.task == "detection":
         _print_map(result, data.classes, args.metric)
+    if run.task == "segmentation":
+        _print_iou(result)
     return 0
+
+
+def _print_iou(result) -> None:
+    """Per-class IoU and accuracy of a segmentation evaluation (all test pixels counted together)."""
+    from cnnlab.cli._format import table
+    from cnnlab.engine.tasks.segmentation import per_class_rows
+
+    def cell(v):
+        return "-" if v is None else f"{v:.4f}"
+
+    rows = per_class_rows(result.details, result.details["classes"])
+    print("\nper class (-: the class is in neither the truth nor the prediction, or has no true pixel):")
+    print(table(["class", "IoU", "acc", "true px", "predicted px"],
+                [[r["class"], cell(r["iou"]), cell(r["acc"]), r["gt_pixels"], r["pred_pixels"]] for r in rows],
+                align="lrrrr"))
 
 
 def _print_map(result, classes: list[str], metric: str | None) -> None:

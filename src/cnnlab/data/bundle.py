@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from cnnlab._errors import CnnlabError
 from cnnlab.data import augment as A
 from cnnlab.data import datasets as D
-from cnnlab.data.config import DataConfig, is_detection_data
+from cnnlab.data.config import DataConfig, is_detection_data, is_segmentation_data
 from cnnlab.data.folder import ImageFolder, folder_loader, folder_splits, read_image
 from cnnlab.data.loader import TensorLoader, prepare_batch
 from cnnlab.data.preprocess import Normalize, PCAWhiten
@@ -199,6 +199,9 @@ def build_data(config: DataConfig, device: torch.device, *, seed: int = 0, chann
     if is_detection_data(config.name):  # before the folder rule: voc:/path has a "/" in it
         raise CnnlabError(f"data {config.name!r} is a detection dataset (images with boxes), not images with one "
                           f"class each: train a detection model on it (`cnnlab models --task detection`)")
+    if is_segmentation_data(config.name):  # before the folder rule too: masks:/path has a "/" in it
+        raise CnnlabError(f"data {config.name!r} is a segmentation dataset (a class per pixel), not images with one "
+                          f"class each: train a segmentation model on it (`cnnlab models --task segmentation`)")
     if config.name not in D.DATASETS and (Path(config.name).is_dir() or "/" in config.name):
         return _build_folder(config, device, seed, channels_last, in_channels)
     data: D.TensorDataset = D.load_dataset(config.name, config.root, config.download)

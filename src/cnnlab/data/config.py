@@ -18,6 +18,16 @@ def is_detection_data(name: str) -> bool:
     return name in DETECTION_DATASETS or name.startswith(PREFIXES)
 
 
+# segmentation datasets (cnnlab.data.segmentation_data builds them); "vocseg:" is not "voc:", so the two never clash
+SEGMENTATION_DATASETS = ("fashion_seg", "nuclei")
+SEGMENTATION_PREFIXES = ("vocseg:", "masks:")
+
+
+def is_segmentation_data(name: str) -> bool:
+    """Whether ``data.name`` names a segmentation set (images with a class per pixel)."""
+    return name in SEGMENTATION_DATASETS or name.startswith(SEGMENTATION_PREFIXES)
+
+
 @dataclass
 class DataConfig:
     """Dataset, split, preprocessing and augmentation.
@@ -25,7 +35,8 @@ class DataConfig:
     Args:
         name: a dataset name (``fashion_mnist``, ``mnist``, ``cifar10``, ``cifar100``, ``digits``,
             ``mnist_5k``) or a folder with one sub-folder of images per class; for detection models
-            ``fashion_det``, ``trees``, ``voc:PATH`` or ``coco:PATH/annotations.json``.
+            ``fashion_det``, ``trees``, ``voc:PATH`` or ``coco:PATH/annotations.json``; for segmentation models
+            ``fashion_seg``, ``nuclei``, ``vocseg:PATH`` (VOC layout) or ``masks:PATH`` (``images/`` + ``masks/``).
         root: where the files are cached, in torchvision's layout (default ``~/.cache/cnnlab/data/<name>``).
         val_fraction: share of the training split held out for validation (fixed by the seed).
         image_size: resize the images to this square size (named datasets: once, when loaded); None keeps theirs.

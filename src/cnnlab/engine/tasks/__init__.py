@@ -2,7 +2,7 @@
 
     >>> from cnnlab.engine.tasks import get_task, task_names
     >>> task_names()
-    ['classification', 'detection', 'reconstruction']
+    ['classification', 'detection', 'reconstruction', 'segmentation']
     >>> get_task("reconstruction", loss="bce").loss_name
     'bce'
 
@@ -18,6 +18,7 @@ from cnnlab.engine.tasks.base import LossMeter, Meter, StepOutput, Task, TaskRes
 from cnnlab.engine.tasks.classification import ClassificationTask
 from cnnlab.engine.tasks.detection import DetectionTask
 from cnnlab.engine.tasks.reconstruction import ReconstructionTask
+from cnnlab.engine.tasks.segmentation import SegmentationTask
 
 _TASKS: dict[str, type[Task]] = {}
 
@@ -33,14 +34,16 @@ def register_task(cls: type[Task]) -> type[Task]:
 register_task(ClassificationTask)
 register_task(ReconstructionTask)
 register_task(DetectionTask)
+register_task(SegmentationTask)
 
 
 def _register_report_sections() -> None:
     from cnnlab.engine.html_report import register_report_sections
-    from cnnlab.engine.tasks import detection, reconstruction
+    from cnnlab.engine.tasks import detection, reconstruction, segmentation
 
     register_report_sections(ReconstructionTask.name, reconstruction.report_sections, replace=True)
     register_report_sections(DetectionTask.name, detection.report_sections, replace=True)
+    register_report_sections(SegmentationTask.name, segmentation.report_sections, replace=True)
 
 
 _register_report_sections()
