@@ -24,6 +24,7 @@ from cnnlab.data.annotated import CocoDetection, SegmentationFolder, VOCDetectio
 from cnnlab.data.annotations import VOC_CLASSES
 from cnnlab.data.collate import SegmentationCollate, batch_to_device, collate_detection, collate_segmentation
 from cnnlab.data.joint_transforms import JointAugment, detection_transforms, segmentation_transforms
+from cnnlab.data.segmentation_data import SegmentationBundle, build_segmentation_data
 
 __all__ = [
     "DATASETS", "ColorJitter", "Compose", "CutMix", "Cutout", "DataBundle", "DataConfig", "ImageFolder",
@@ -34,5 +35,5 @@ __all__ = [
 __all__ += [
     "VOC_CLASSES", "CocoDetection", "JointAugment", "SegmentationCollate", "SegmentationFolder", "VOCDetection",
     "batch_to_device", "collate_detection", "collate_segmentation", "detection_transforms",
-    "segmentation_transforms",
+    "segmentation_transforms", "SegmentationBundle", "build_segmentation_data",
 ]
