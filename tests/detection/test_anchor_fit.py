@@ -89,3 +89,21 @@ def test_bad_input_is_refused():
     with pytest.raises(CnnlabError, match="positive"):
         fit_anchors(torch.tensor([[5.0, -1.0], [2.0, 3.0]]), k=1)
     assert box_size_stats(torch.zeros(0, 2)) == "0 boxes"
+
+
+def test_fixed_anchor_detectors_refuse_anchors_that_match_no_training_box():
+    """Faster R-CNN, RetinaNet and SSD check their (user-set) anchors against the data's boxes, in input pixels."""
+    import cnnlab
+
+    boxes = torch.tensor([[10.0, 10.0, 70.0, 70.0], [0.0, 0.0, 40.0, 80.0]])  # in a 256 x 256 image
+    for name, options, setting in [
+        ("faster_rcnn", {"backbone": "simple_cnn_bn", "min_size": 128, "max_size": 128}, "anchor_sizes"),
+        ("retinanet", {"backbone": "simple_cnn_bn", "min_size": 128, "max_size": 128}, "anchor_scales"),
+        ("ssd", {"backbone": "simple_cnn_bn", "size": 128}, "scales"),
+    ]:
+        model = cnnlab.create_model(name, num_classes=3, **options)
+        wh = model.input_box_wh(boxes, (256, 256))  # resized by half
+        assert torch.allclose(wh, torch.tensor([[30.0, 30.0], [20.0, 40.0]]))
+        assert model.fit_to_data(wh.repeat(10, 1))["recall"] > 0
+        with pytest.raises(CnnlabError, match=rf"{setting}.*match no training box.*the data: 20 boxes"):
+            model.fit_to_data(torch.tensor([[900.0, 2.0]]).repeat(20, 1))

@@ -36,7 +36,8 @@ def test_a_detector_trains_under_torchrun(tmp_path):
            "train", "--model", "faster_rcnn", "--data", "coco:annotations.json", "--epochs", "1", "--device", "cpu",
            "--out-dir", "out", "--name", "ddp", "--set", "data.batch_size=4", "--set", "plots=false",
            "--set", "model.options.backbone=simple_cnn_bn", "--set", "model.options.fpn=false",
-           "--set", "model.options.min_size=64", "--set", "model.options.max_size=96"]
+           "--set", "model.options.min_size=64", "--set", "model.options.max_size=96",
+           "--set", "model.options.anchor_sizes=[[16, 32, 64]]"]  # the objects are 10-28 px
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

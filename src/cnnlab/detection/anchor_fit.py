@@ -16,6 +16,7 @@ distance, and its centroids would then minimise squared (w, h) errors rather tha
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -133,7 +134,7 @@ def box_size_stats(box_wh: Tensor) -> str:
 
 
 def check_anchors(anchor_wh: Tensor, box_wh: Tensor, *, setting: str, threshold: float = 0.25,
-                  min_recall: float = 0.5) -> dict[str, float]:
+                  min_recall: float = 0.5, hint: str = "use anchors='kmeans' to fit them to the data") -> dict[str, float]:
     """Refuse anchors that cannot work for the data; otherwise return their statistics.
 
     A box is matched when its best anchor (centre-aligned) has IoU >= ``threshold``. The anchors are refused
@@ -164,6 +165,51 @@ def check_anchors(anchor_wh: Tensor, box_wh: Tensor, *, setting: str, threshold:
         raise CnnlabError(
             f"{setting}: the anchors [{shown}] match {matched} at IoU >= {threshold:g} (at least {min_recall:.0%} "
             f"must); the data: {box_size_stats(wh)}; best IoU reached {stats['best_iou']:.3g}, mean best IoU "
-            f"{stats['mean_best_iou']:.3g}. Anchors are (w, h) in the model's input pixels; use anchors='kmeans' "
-            "to fit them to the data")
+            f"{stats['mean_best_iou']:.3g}. Anchors are (w, h) in the model's input pixels; {hint}")
     return stats
+
+
+# -- the anchor check of detectors with fixed anchors (Faster R-CNN, RetinaNet, SSD) ---------------------------
+def transform_box_wh(transform: Any, boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
+    """(M, 4) boxes of an image of ``image_size`` (h, w) -> (M, 2) their (w, h) after ``transform``'s resize
+    (a :class:`cnnlab.detection.transform.DetectionTransform`: a fixed size, or the eval short side within
+    ``max_size``)."""
+    height, width = image_size
+    wh = (boxes[:, 2:] - boxes[:, :2]).float()
+    if transform.fixed_size is not None:
+        fw, fh = transform.fixed_size
+        return wh * wh.new_tensor([fw / width, fh / height])
+    scale = min(transform.min_size[-1] / min(height, width), transform.max_size / max(height, width))
+    return wh * scale
+
+
+class AnchorCheck:
+    """Mixin of detectors with fixed anchors: the task calls ``fit_to_data`` with the training boxes (in the
+    model's input pixels, from ``input_box_wh``) and anchors that match (almost) none of them are refused, naming
+    the setting and showing the boxes' sizes. Nothing is fitted: these anchors are the user's settings.
+
+    A subclass gives ``anchor_shapes()`` ((K, 2) anchor widths and heights in input pixels), ``transform``
+    (its resize) and ``anchor_setting`` (the option names, for the message)."""
+
+    anchor_setting = "model.options.anchor_sizes / aspect_ratios"
+    anchor_min_recall = 0.01  # refuse only anchors that cannot work: fewer than 1% of the boxes reach IoU 0.25
+
+    def anchor_shapes(self) -> Tensor:
+        raise NotImplementedError
+
+    def input_box_wh(self, boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
+        return transform_box_wh(self.transform, boxes, image_size)
+
+    def fit_to_data(self, box_wh: Tensor, *, seed: int = 0) -> dict[str, Any]:
+        box_wh = torch.as_tensor(box_wh, dtype=torch.float32).reshape(-1, 2).cpu()
+        box_wh = box_wh[(box_wh > 0).all(dim=1)]
+        stats = check_anchors(self.anchor_shapes(), box_wh, setting=self.anchor_setting,
+                              min_recall=self.anchor_min_recall, hint="make them the size of the objects in pixels "
+                              "of the resized input")
+        return {"anchors": self.anchor_shapes().tolist(), **stats}
+
+
+def generator_shapes(generator: Any) -> Tensor:
+    """(K, 2) distinct (w, h) of an :class:`~cnnlab.detection.anchors.AnchorGenerator`'s cell anchors."""
+    cells = torch.cat([c.float() for c in generator.cell_anchors])
+    return torch.unique(torch.stack([cells[:, 2] - cells[:, 0], cells[:, 3] - cells[:, 1]], 1), dim=0)

@@ -20,10 +20,11 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torchvision.ops import MultiScaleRoIAlign
 
 from cnnlab._errors import CnnlabError, did_you_mean
+from cnnlab.detection.anchor_fit import AnchorCheck, generator_shapes
 from cnnlab.detection.anchors import AnchorGenerator
 from cnnlab.detection.backbone import build_backbone
 from cnnlab.detection.generalized_rcnn import GeneralizedRCNN
@@ -124,7 +125,7 @@ def split_options(options: dict[str, Any], *, transform: TransformConfig | None 
 
 
 # -- the model --------------------------------------------------------------------------------------------------
-class FasterRCNN(GeneralizedRCNN):
+class FasterRCNN(AnchorCheck, GeneralizedRCNN):
     """Faster R-CNN on a backbone with an ``out_channels`` attribute.
 
     Args:
@@ -133,6 +134,11 @@ class FasterRCNN(GeneralizedRCNN):
         num_classes: classes including the background (K + 1).
         transform, rpn, box: the parts' configs (defaults: torchvision's).
     """
+
+    anchor_setting = "model.options.anchor_sizes / aspect_ratios"
+
+    def anchor_shapes(self) -> Tensor:
+        return generator_shapes(self.rpn.anchor_generator)
 
     def __init__(self, backbone: nn.Module, num_classes: int, *, transform: TransformConfig | None = None,
                  rpn: RPNConfig | None = None, box: BoxHeadConfig | None = None) -> None:

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
 
 from cnnlab._errors import CnnlabError, did_you_mean
+from cnnlab.detection.anchor_fit import AnchorCheck, generator_shapes
 from cnnlab.detection.anchors import AnchorGenerator
 from cnnlab.detection.backbone import build_backbone
 from cnnlab.detection.boxes import BoxCoder, Matcher, check_targets
@@ -331,7 +332,7 @@ class RetinaNetPostprocess(nn.Module):
 
 
 # -- the model --------------------------------------------------------------------------------------------------
-class RetinaNet(nn.Module):
+class RetinaNet(AnchorCheck, nn.Module):
     """RetinaNet on a backbone that returns FPN maps of ``out_channels`` channels each.
 
     ``model(images, targets)``: the losses ``classification`` and ``bbox_regression`` in training, one dict of
@@ -344,6 +345,11 @@ class RetinaNet(nn.Module):
     """
 
     head_name = "head.classification_head.cls_logits"  # the class-specific layer (other class counts, transfer)
+
+    anchor_setting = "model.options.anchor_sizes / aspect_ratios / anchor_scales"
+
+    def anchor_shapes(self) -> Tensor:
+        return generator_shapes(self.anchor_generator)
 
     def __init__(self, backbone: nn.Module, num_classes: int, *, transform: TransformConfig | None = None,
                  anchors: AnchorConfig | None = None, head: HeadConfig | None = None,

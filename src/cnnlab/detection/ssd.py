@@ -26,6 +26,7 @@ from cnnlab._errors import CnnlabError, did_you_mean
 from cnnlab.detection._ssd_backbones import SSD300_EXTRAS, ExtraBlock, SSDHead, SSDVGG16, TappedBackbone
 from cnnlab.detection._ssd_boxes import (DefaultBoxGenerator, MultiBoxLoss, SSDPostprocess, paper_aspect_ratios,
                                          paper_scales)
+from cnnlab.detection.anchor_fit import AnchorCheck
 from cnnlab.detection.backbone import build_backbone
 from cnnlab.detection.boxes import BoxCoder, check_targets
 from cnnlab.detection.transform import DetectionTransform
@@ -159,7 +160,7 @@ def _plain(value: Any) -> Any:
 
 
 # -- the model --------------------------------------------------------------------------------------------------
-class SSD(nn.Module):
+class SSD(AnchorCheck, nn.Module):
     """``model(images, targets)``: ``{"bbox_regression", "classification"}`` in training, detections in eval.
 
     Args:
@@ -169,6 +170,14 @@ class SSD(nn.Module):
     """
 
     head_name = "head.cls_logits"  # the class-specific part (weights for another class count skip it)
+
+    anchor_setting = "model.options.scales / aspect_ratios (min_scale, max_scale)"
+
+    def anchor_shapes(self) -> Tensor:
+        """(K, 2) default-box widths and heights in input pixels (shares of the side times the fixed size)."""
+        width, height = self.transform.fixed_size
+        pairs = torch.cat(self.default_boxes.wh_pairs)
+        return torch.unique(pairs * pairs.new_tensor([width, height]), dim=0)
 
     def __init__(self, backbone: nn.Module, num_classes: int, *, transform: SSDTransformConfig | None = None,
                  boxes: DefaultBoxConfig | None = None, loss: MultiBoxConfig | None = None,

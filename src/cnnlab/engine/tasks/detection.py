@@ -126,20 +126,24 @@ def _chunks(batches: Any, size: int = EVAL_CHUNK):
             yield images[start:start + size], targets[start:start + size]
 
 
-def training_box_wh(model: nn.Module, batches: Any) -> torch.Tensor:
-    """(N, 2) widths and heights of every training box in the model's input pixels (``model.input_box_wh``), crowd
-    and degenerate boxes left out. Tensor-resident sets are read directly; others in one pass over the batches,
-    with the global RNG streams untouched (the run's augmentation draws stay those of a run without the pass)."""
+def training_box_wh(model: nn.Module, batches: Any, max_boxes: int = 20_000) -> torch.Tensor:
+    """(N, 2) widths and heights of the training boxes in the model's input pixels (``model.input_box_wh``), crowd
+    and degenerate boxes left out. Tensor-resident sets are read directly (all boxes); others batch by batch until
+    ``max_boxes`` are seen (k-means and the anchor check need a sample, not every image decoded), with the global
+    RNG streams untouched (the run's augmentation draws stay those of a run without the pass)."""
     if all(hasattr(batches, a) for a in ("boxes", "offsets", "images")):  # TensorDetectionBatches: one image size
         boxes = batches.boxes.float()
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         return model.input_box_wh(boxes[keep], tuple(batches.images.shape[-2:])).cpu()
-    found = []
+    found, seen = [], 0
     with torch.random.fork_rng(devices=[]):
         for batch in batches:
             images, targets = unpack_batch(batch)
             for image, target in zip(images, model_targets(targets, drop_degenerate=True)):
                 found.append(model.input_box_wh(target["boxes"], tuple(image.shape[-2:])).cpu())
+                seen += len(found[-1])
+            if seen >= max_boxes:
+                break
     return torch.cat(found) if found else torch.zeros(0, 2)
 
 
