@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torchvision.ops import roi_align, roi_pool
 
 from cnnlab._errors import CnnlabError
-from cnnlab.detection.boxes import check_targets
+from cnnlab.detection.options import check_inputs
 from cnnlab.detection.proposals import ProposalConfig, RegionProposer
 from cnnlab.detection.roi_heads import RoIHeads, fastrcnn_loss
 from cnnlab.detection.transform import IMAGENET_MEAN, IMAGENET_STD, DetectionTransform, resize_boxes
@@ -262,15 +262,7 @@ class ProposalDetector(nn.Module):
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None,
                 proposals: list[Tensor] | None = None) -> dict[str, Tensor] | list[dict[str, Tensor]]:
-        if not isinstance(images, (list, tuple)) or not images:
-            raise CnnlabError("a detector takes a non-empty list of (C, H, W) images in 0..1, "
-                              f"got {type(images).__name__}")
-        if self.training:
-            if targets is None:
-                raise CnnlabError("in training mode the model needs targets (one dict with 'boxes' and 'labels' "
-                                  "per image); call model.eval() for detections")
-            check_targets(targets, len(images), self.num_classes)
-        original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        original_sizes = check_inputs(images, targets, self.training, self.num_classes)
         if proposals is None:
             proposals = self.propose(images)
         elif len(proposals) != len(images):

@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 from torchvision.ops import batched_nms, clip_boxes_to_image, remove_small_boxes
 
-from cnnlab._errors import CnnlabError, did_you_mean
-from cnnlab.detection.boxes import check_targets
+from cnnlab._errors import CnnlabError
+from cnnlab.detection.options import check_inputs, group_options
 from cnnlab.detection.transform import DetectionTransform
 
 __all__ = ["TransformConfig", "PostprocessConfig", "split_options", "stage_indices", "make_transform",
@@ -51,27 +51,7 @@ class BackboneOptions:
 
 def split_options(model: str, options: dict[str, Any], parts: dict[str, Any]) -> dict[str, Any]:
     """Flat option names -> the part configs they belong to (each field name is unique across ``parts``)."""
-    owner = {f.name: part for part, config in parts.items() for f in fields(config)}
-    changes: dict[str, dict[str, Any]] = {part: {} for part in parts}
-    for key, value in options.items():
-        if key not in owner:
-            raise CnnlabError(f"{model} does not take the option {key!r}{did_you_mean(key, owner)} "
-                              f"(its options: {', '.join(sorted(owner))})")
-        if isinstance(value, list):  # from JSON / the command line
-            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
-        changes[owner[key]][key] = value
-    return {part: replace(config, **changes[part]) for part, config in parts.items()}
-
-
-def check_inputs(images: Any, targets: Any, training: bool, num_classes: int) -> None:
-    """The detection interface's inputs, checked as ``GeneralizedRCNN`` checks them."""
-    if not isinstance(images, (list, tuple)) or not images:
-        raise CnnlabError(f"a detector takes a non-empty list of (C, H, W) images in 0..1, got {type(images).__name__}")
-    if training:
-        if targets is None:
-            raise CnnlabError("in training mode the detector needs targets: one dict with 'boxes' (N, 4) "
-                              "and 'labels' (N,) per image (call model.eval() to detect)")
-        check_targets(targets, len(images), num_classes)
+    return group_options(model, options, parts)
 
 
 def check_positive(model: str, **values: float) -> None:

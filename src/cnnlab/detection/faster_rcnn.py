@@ -23,11 +23,12 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import MultiScaleRoIAlign
 
-from cnnlab._errors import CnnlabError, did_you_mean
+from cnnlab._errors import CnnlabError
 from cnnlab.detection.anchor_fit import AnchorCheck, generator_shapes
 from cnnlab.detection.anchors import AnchorGenerator
 from cnnlab.detection.backbone import build_backbone
 from cnnlab.detection.generalized_rcnn import GeneralizedRCNN
+from cnnlab.detection.options import group_options
 from cnnlab.detection.roi_heads import FastRCNNPredictor, RoIHeads, RoIPool, TwoMLPHead
 from cnnlab.detection.rpn import RegionProposalNetwork, RPNHead
 from cnnlab.detection.transform import DetectionTransform
@@ -110,18 +111,9 @@ OPTIONS: dict[str, tuple[str, str]] = {
 def split_options(options: dict[str, Any], *, transform: TransformConfig | None = None, rpn: RPNConfig | None = None,
                   box: BoxHeadConfig | None = None) -> tuple[TransformConfig, RPNConfig, BoxHeadConfig]:
     """Flat torchvision-style options -> the three part configs (starting from the given ones)."""
-    parts: dict[str, Any] = {"transform": transform or TransformConfig(), "rpn": rpn or RPNConfig(),
-                             "box": box or BoxHeadConfig()}
-    changes: dict[str, dict[str, Any]] = {"transform": {}, "rpn": {}, "box": {}}
-    for key, value in options.items():
-        if key not in OPTIONS:
-            raise CnnlabError(f"Faster R-CNN does not take the option {key!r}{did_you_mean(key, OPTIONS)} "
-                              f"(its options: {', '.join(sorted(OPTIONS))})")
-        part, name = OPTIONS[key]
-        if isinstance(value, list):  # from JSON / the command line
-            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
-        changes[part][name] = value
-    return tuple(replace(parts[p], **changes[p]) for p in ("transform", "rpn", "box"))  # type: ignore[return-value]
+    parts = group_options("Faster R-CNN", options, {"transform": transform or TransformConfig(),
+                                                     "rpn": rpn or RPNConfig(), "box": box or BoxHeadConfig()}, OPTIONS)
+    return parts["transform"], parts["rpn"], parts["box"]
 
 
 # -- the model --------------------------------------------------------------------------------------------------

@@ -11,8 +11,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from cnnlab._errors import CnnlabError
-from cnnlab.detection.boxes import check_targets
+from cnnlab.detection.options import check_inputs
 
 __all__ = ["GeneralizedRCNN"]
 
@@ -40,15 +39,7 @@ class GeneralizedRCNN(nn.Module):
     def forward(
         self, images: Sequence[Tensor], targets: Sequence[dict[str, Tensor]] | None = None
     ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
-        if not isinstance(images, (list, tuple)) or not images:
-            raise CnnlabError("a detector takes a non-empty list of (C, H, W) images in 0..1, "
-                              f"got {type(images).__name__}")
-        if self.training:
-            if targets is None:
-                raise CnnlabError("in training mode the detector needs targets: one dict with 'boxes' (N, 4) "
-                                  "and 'labels' (N,) per image (call model.eval() to detect)")
-            check_targets(targets, len(images), self.num_classes)
-        original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        original_sizes = check_inputs(images, targets, self.training, self.num_classes)
 
         batch, targets = self.transform(images, targets if self.training else None)
         features = self.backbone(batch.tensors)

@@ -38,13 +38,14 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
 
-from cnnlab._errors import CnnlabError, did_you_mean
+from cnnlab._errors import CnnlabError
 from cnnlab.detection.anchor_fit import AnchorCheck, generator_shapes
 from cnnlab.detection.anchors import AnchorGenerator
 from cnnlab.detection.backbone import build_backbone
-from cnnlab.detection.boxes import BoxCoder, Matcher, check_targets
+from cnnlab.detection.boxes import BoxCoder, Matcher
 from cnnlab.detection.faster_rcnn import FasterRCNN, TransformConfig
 from cnnlab.detection.losses import check_focal_parameters, focal_classification_loss, l1_box_loss
+from cnnlab.detection.options import check_inputs, group_options
 from cnnlab.detection.transform import IMAGENET_MEAN, IMAGENET_STD, DetectionTransform
 from cnnlab.layers import ConvNormAct
 from cnnlab.models.registry import Family, StateDict, register_model
@@ -110,18 +111,9 @@ PARTS = ("transform", "anchors", "head", "postprocess")
 
 def split_options(options: dict[str, Any]) -> tuple[TransformConfig, AnchorConfig, HeadConfig, PostprocessConfig]:
     """Flat torchvision-style options -> the four part configs."""
-    parts: dict[str, Any] = {"transform": TransformConfig(), "anchors": AnchorConfig(), "head": HeadConfig(),
-                             "postprocess": PostprocessConfig()}
-    changes: dict[str, dict[str, Any]] = {p: {} for p in PARTS}
-    for key, value in options.items():
-        if key not in OPTIONS:
-            raise CnnlabError(f"RetinaNet does not take the option {key!r}{did_you_mean(key, OPTIONS)} "
-                              f"(its options: {', '.join(sorted(OPTIONS))})")
-        part, name = OPTIONS[key]
-        if isinstance(value, list):  # from JSON / the command line
-            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
-        changes[part][name] = value
-    return tuple(replace(parts[p], **changes[p]) for p in PARTS)  # type: ignore[return-value]
+    parts = group_options("RetinaNet", options, {"transform": TransformConfig(), "anchors": AnchorConfig(),
+                                                  "head": HeadConfig(), "postprocess": PostprocessConfig()}, OPTIONS)
+    return tuple(parts[p] for p in PARTS)  # type: ignore[return-value]
 
 
 def _check_configs(head: HeadConfig, post: PostprocessConfig) -> None:
@@ -385,15 +377,7 @@ class RetinaNet(AnchorCheck, nn.Module):
     def forward(
         self, images: Sequence[Tensor], targets: Sequence[dict[str, Tensor]] | None = None
     ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
-        if not isinstance(images, (list, tuple)) or not images:
-            raise CnnlabError("a detector takes a non-empty list of (C, H, W) images in 0..1, "
-                              f"got {type(images).__name__}")
-        if self.training:
-            if targets is None:
-                raise CnnlabError("in training mode the detector needs targets: one dict with 'boxes' (N, 4) "
-                                  "and 'labels' (N,) per image (call model.eval() to detect)")
-            check_targets(targets, len(images), self.num_classes)
-        original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        original_sizes = check_inputs(images, targets, self.training, self.num_classes)
 
         batch, targets = self.transform(images, targets if self.training else None)
         features = self.backbone(batch.tensors)

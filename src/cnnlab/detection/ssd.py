@@ -22,13 +22,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cnnlab._errors import CnnlabError, did_you_mean
+from cnnlab._errors import CnnlabError
 from cnnlab.detection._ssd_backbones import SSD300_EXTRAS, ExtraBlock, SSDHead, SSDVGG16, TappedBackbone
 from cnnlab.detection._ssd_boxes import (DefaultBoxGenerator, MultiBoxLoss, SSDPostprocess, paper_aspect_ratios,
                                          paper_scales)
 from cnnlab.detection.anchor_fit import AnchorCheck
 from cnnlab.detection.backbone import build_backbone
-from cnnlab.detection.boxes import BoxCoder, check_targets
+from cnnlab.detection.boxes import BoxCoder
+from cnnlab.detection.options import check_inputs, group_options
 from cnnlab.detection.transform import DetectionTransform
 from cnnlab.models.registry import Family, StateDict, register_model
 from cnnlab.models.vgg import VGG16
@@ -144,15 +145,7 @@ OPTIONS: dict[str, str] = {f.name: part for part, cls in PARTS.items() for f in 
 
 def split_options(options: dict[str, Any], **given: Any) -> dict[str, Any]:
     """Flat options -> one config per part (``transform``, ``boxes``, ``loss``, ``postprocess``), over ``given``."""
-    changes: dict[str, dict[str, Any]] = {part: {} for part in PARTS}
-    for key, value in options.items():
-        if key not in OPTIONS:
-            raise CnnlabError(f"SSD does not take the option {key!r}{did_you_mean(key, OPTIONS)} "
-                              f"(its options: {', '.join(sorted(OPTIONS))})")
-        if isinstance(value, list):  # from JSON / the command line
-            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
-        changes[OPTIONS[key]][key] = value
-    return {part: replace(given.get(part) or cls(), **changes[part]) for part, cls in PARTS.items()}
+    return group_options("SSD", options, {part: given.get(part) or cls() for part, cls in PARTS.items()})
 
 
 def _plain(value: Any) -> Any:
@@ -206,15 +199,7 @@ class SSD(AnchorCheck, nn.Module):
 
     def forward(self, images: Sequence[Tensor], targets: Sequence[dict[str, Tensor]] | None = None
                 ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
-        if not isinstance(images, (list, tuple)) or not images:
-            raise CnnlabError("a detector takes a non-empty list of (C, H, W) images in 0..1, "
-                              f"got {type(images).__name__}")
-        if self.training:
-            if targets is None:
-                raise CnnlabError("in training mode the detector needs targets: one dict with 'boxes' (N, 4) "
-                                  "and 'labels' (N,) per image (call model.eval() to detect)")
-            check_targets(targets, len(images), self.num_classes)
-        original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        original_sizes = check_inputs(images, targets, self.training, self.num_classes)
 
         batch, targets = self.transform(images, targets if self.training else None)
         features = list(self.backbone(batch.tensors).values())
