@@ -257,3 +257,13 @@ def test_boxes_come_back_at_the_input_size(name):
     torch.testing.assert_close(b["boxes"], a["boxes"] * 2, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(b["scores"], a["scores"], rtol=1e-5, atol=1e-5)
     assert torch.equal(b["labels"], a["labels"])
+
+
+@pytest.mark.parametrize("name", ["fast_rcnn", "sppnet"])
+def test_roi_pool_models_run_under_bf16_autocast(name):
+    """torchvision's CPU roi_pool has no bf16 kernel: the pooling runs in float32 under autocast."""
+    model = create_model(name, backbone="simple_cnn_bn", num_classes=3, min_size=64, max_size=64,
+                                proposals={"method": "grid", "max_proposals": 20}).eval()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model([torch.rand(3, 64, 64)])
+    assert out[0]["boxes"].shape[1] == 4 and torch.isfinite(out[0]["scores"].float()).all()

@@ -215,7 +215,7 @@ class RoIPool(nn.Module):
         x = features[self.featmap_name]
         scale = infer_scale(x, image_shapes)
         if self.mode == "pool":
-            return roi_pool(x, proposals, self.output_size, scale)
+            return roi_pool(x.float(), proposals, self.output_size, scale)  # no bf16 kernel on the CPU
         return roi_align(x, proposals, self.output_size, scale, self.sampling_ratio, aligned=False)
 
     def extra_repr(self) -> str:

@@ -48,7 +48,8 @@ class RoIPool(nn.Module):
         x = features[self.featmap_name]
         height = max(s[0] for s in image_shapes)
         scale = 2.0 ** round(math.log2(x.shape[-2] / height))
-        return roi_pool(x, proposals, self.output_size, spatial_scale=scale)  # (R, C, h, w)
+        # float32: torchvision's CPU roi_pool has no bf16 kernel (under autocast x is bf16, the boxes float32)
+        return roi_pool(x.float(), proposals, self.output_size, spatial_scale=scale)  # (R, C, h, w)
 
 
 class TwoMLPHead(nn.Module):

@@ -95,6 +95,7 @@ def spp_roi_pool(
     if isinstance(rois, torch.Tensor) and (rois.ndim != 2 or rois.shape[1] != 5):
         raise CnnlabError(f"spp_roi_pool expects rois of shape (K, 5) (batch index, x1, y1, x2, y2) or a list of "
                           f"(K_i, 4) boxes, got shape {tuple(rois.shape)}")
+    features = features.float()  # torchvision's CPU roi_pool has no bf16 kernel (autocast: bf16 maps, float boxes)
     pooled = [torch.flatten(roi_pool(features, rois, output_size=level, spatial_scale=spatial_scale), 1)
               for level in levels]  # each (K, C, l, l) -> (K, C*l*l)
     return torch.cat(pooled, dim=1)
