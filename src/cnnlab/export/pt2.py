@@ -1,0 +1,196 @@
+"""``torch.export`` programs saved as ``.pt2`` (the successor of TorchScript), checked by loading them back.
+
+Also the parts every exporter shares: the example input, the dynamic axes (batch, and height/width where the
+model allows them, tried and dropped with a note where it does not), refusing an existing path, comparing
+outputs, and the result printed by ``cnnlab export``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cnnlab._errors import CnnlabError
+from cnnlab.compress.fold import _tensors, probe_input
+
+MIB = 2**20
+
+
+@dataclass
+class ExportResult:
+    """One exported file. Args: path; format (``onnx``, ``pt2``); size_bytes on disk; opset (ONNX only);
+    dynamic_axes: input name -> names of its dynamic axes; max_abs_diff between the file's and PyTorch's
+    outputs on a fresh random input (None when not checked); tolerance it was held to; notes (axes kept fixed)."""
+
+    path: Path
+    format: str
+    size_bytes: int
+    opset: int | None = None
+    dynamic_axes: dict[str, list[str]] = field(default_factory=dict)
+    max_abs_diff: float | None = None
+    tolerance: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        axes = "; ".join(f"{k}: {', '.join(v)}" for k, v in self.dynamic_axes.items() if v) or "none (static shapes)"
+        lines = [f"wrote {self.path} ({self.format}, {self.size_bytes / MIB:.2f} MiB)"]
+        if self.opset is not None:
+            lines.append(f"opset: {self.opset}")
+        lines.append(f"dynamic axes: {axes}")
+        if self.max_abs_diff is not None:
+            lines.append(f"max |difference| vs PyTorch: {self.max_abs_diff:.3g} (tolerance {self.tolerance:.3g})")
+        return "\n".join(lines + [f"note: {n}" for n in self.notes])
+
+
+@dataclass
+class Traced:
+    """A model traced by torch.export. Args: program; example (the traced input); dynamic_axes; notes."""
+
+    program: torch.export.ExportedProgram
+    example: Any
+    dynamic_axes: dict[str, list[str]]
+    notes: list[str]
+
+
+def refuse_existing(path: str | os.PathLike, overwrite: bool) -> Path:
+    """``path`` as a Path, or a CnnlabError when it exists and ``overwrite`` is False (or it is a folder)."""
+    path = Path(path)
+    if path.is_dir():
+        raise CnnlabError(f"{path} is a folder; expected the path of the file to write, e.g. {path / 'model.onnx'}")
+    if path.exists() and not overwrite:
+        raise CnnlabError(f"{path} already exists; pass overwrite=True (cnnlab export --force) to replace it")
+    if not path.parent.is_dir():
+        raise CnnlabError(f"cannot write {path}: the folder {path.parent} does not exist")
+    return path
+
+
+def trace(model: nn.Module, input_size: Any, *, dynamic_batch: bool, dynamic_size: bool | None) -> Traced:
+    """``torch.export.export`` of ``model`` (in eval mode) with the dynamic axes asked for.
+
+    ``dynamic_size=None`` tries dynamic height/width and keeps them fixed, with a note, where the model does not
+    allow them (a Linear after a flatten, a fixed reshape); ``True`` makes that an error.
+    """
+    batch = 2 if dynamic_batch else 1  # torch.export specialises a size-1 axis to 1, so trace batch 2
+    example = probe_input(model, input_size, batch=batch, small=False)
+    if isinstance(example, torch.Tensor) and not dynamic_batch and example.shape[0] != 1:
+        example = example[:1]
+    if isinstance(example, torch.Tensor) and dynamic_batch and example.shape[0] == 1:
+        example = torch.cat([example, torch.randn_like(example)])
+    notes: list[str] = []
+    if dynamic_size is False:
+        return Traced(_export(model, example, dynamic_batch, False), example, _axes(example, dynamic_batch, False),
+                      notes)
+    try:
+        program = _export(model, example, dynamic_batch, True)
+    except CnnlabError as e:
+        if dynamic_size:
+            raise CnnlabError(f"dynamic height/width: {e}; export with dynamic_size=False (fixed size)") from None
+        notes.append(f"height and width are fixed at the traced size ({_describe_size(example)}): the model does "
+                     f"not allow others ({str(e).splitlines()[0][:200]})")
+        return Traced(_export(model, example, dynamic_batch, False), example, _axes(example, dynamic_batch, False),
+                      notes)
+    return Traced(program, example, _axes(example, dynamic_batch, True), notes)
+
+
+def _export(model: nn.Module, example: Any, dynamic_batch: bool, dynamic_size: bool) -> torch.export.ExportedProgram:
+    D = torch.export.Dim.DYNAMIC
+    if isinstance(example, torch.Tensor):
+        spec: Any = {**({0: D} if dynamic_batch else {}), **({2: D, 3: D} if dynamic_size else {})}
+    else:  # a list of CHW images: the list's length is part of the program's structure, each image's H, W may vary
+        spec = [{1: D, 2: D} if dynamic_size else {} for _ in example]
+    try:
+        return torch.export.export(model, (example,), dynamic_shapes=(spec,))
+    except CnnlabError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch.export's errors are many and long; keep the first line
+        raise CnnlabError(f"torch.export cannot trace {type(model).__name__}: {type(e).__name__}: "
+                          f"{_first_line(e)}") from None
+
+
+def _axes(example: Any, dynamic_batch: bool, dynamic_size: bool) -> dict[str, list[str]]:
+    if isinstance(example, torch.Tensor):
+        return {"input": (["batch"] if dynamic_batch else []) + (["height", "width"] if dynamic_size else [])}
+    return {f"image{i}": ["height", "width"] if dynamic_size else [] for i in range(len(example))}
+
+
+def check_example(example: Any, dynamic_batch: bool) -> Any:
+    """A fresh random input like ``example`` (batch 2 when the batch is dynamic) to compare the outputs on."""
+    if isinstance(example, torch.Tensor):
+        return torch.randn((2 if dynamic_batch else example.shape[0], *example.shape[1:]),
+                           dtype=example.dtype, device=example.device)
+    return [torch.rand_like(t) for t in example]
+
+
+def compare(reference: Any, outputs: list[torch.Tensor], atol: float, where: str) -> tuple[float, float]:
+    """(max |difference|, tolerance): ``atol`` scaled by the reference's magnitude (fp32 logits of order 100 carry
+    errors 100x those of order 1); a different number or shape of outputs, or a difference above it, raises."""
+    expected = _tensors(reference)
+    if len(expected) != len(outputs):
+        raise CnnlabError(f"{where} returns {len(outputs)} outputs, PyTorch {len(expected)}")
+    worst, tolerance = 0.0, atol
+    for i, (e, o) in enumerate(zip(expected, outputs)):
+        o = torch.as_tensor(o)
+        if tuple(e.shape) != tuple(o.shape):
+            raise CnnlabError(f"{where}: output {i} has shape {tuple(o.shape)}, PyTorch's {tuple(e.shape)}")
+        if e.numel() == 0:
+            continue
+        e, o = e.detach().cpu().double(), o.detach().cpu().double()
+        diff = (e - o).abs().max().item()
+        scale = max(1.0, e.abs().max().item())
+        worst, tolerance = max(worst, diff), max(tolerance, atol * scale)
+        if not diff <= atol * scale:  # NaN fails too
+            raise CnnlabError(f"{where} differs from PyTorch by {diff:.3g} on output {i} (largest |value| "
+                              f"{scale:.3g}); tolerance {atol * scale:.3g}: the file was not written")
+    return worst, tolerance
+
+
+def to_pt2(model: nn.Module, path: str | os.PathLike, *, input_size: Any = None, dynamic_batch: bool = True,
+           dynamic_size: bool | None = None, check: bool = True, atol: float = 1e-4,
+           overwrite: bool = False, metadata: dict[str, str] | None = None) -> ExportResult:
+    """Export ``model`` with ``torch.export`` to a ``.pt2`` file, load it back and compare it with PyTorch.
+
+    ``input_size`` is (C, H, W) or an example input (default: a registered model's registry input). The batch
+    is dynamic with ``dynamic_batch``; height/width with ``dynamic_size`` (None: where the model allows).
+    ``check`` compares the loaded program with PyTorch (tolerance ``atol`` times max(1, largest |output|)).
+    An existing ``path`` is refused unless ``overwrite``. The file appears only once it has passed the check
+    (written to a temporary file beside it, then renamed). ``metadata`` is saved as ``extra_files``.
+    """
+    from cnnlab._io import atomic_write
+
+    path = refuse_existing(path, overwrite)
+    was_training = model.training
+    model.eval()
+    try:
+        traced = trace(model, input_size, dynamic_batch=dynamic_batch, dynamic_size=dynamic_size)
+        result = ExportResult(path, "pt2", 0, dynamic_axes=traced.dynamic_axes, notes=traced.notes)
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:  # a file object: torch.export.save wants a .pt2 name otherwise
+                torch.export.save(traced.program, f, extra_files=dict(metadata or {}))
+            if check:
+                x = check_example(traced.example, dynamic_batch)
+                with open(tmp, "rb") as f:
+                    loaded = torch.export.load(f).module()
+                with torch.no_grad():
+                    reference, outputs = model(x), loaded(x)
+                result.max_abs_diff, result.tolerance = compare(reference, _tensors(outputs), atol, "the .pt2 program")
+
+        atomic_write(path, write)
+    finally:
+        model.train(was_training)
+    result.size_bytes = path.stat().st_size
+    return result
+
+
+def _describe_size(example: Any) -> str:
+    shape = example.shape[-2:] if isinstance(example, torch.Tensor) else example[0].shape[-2:]
+    return f"{shape[0]}x{shape[1]}"
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0][:300] if lines else ""
