@@ -1,4 +1,12 @@
-"""Compression for inference: BatchNorm folding (more techniques join as they land). Works on any nn.Module."""
+"""Compression: BatchNorm folding, binarisation (BWN, XNOR-Net), weight sharing (Deep Compression), pruning,
+knowledge distillation. Works on any nn.Module."""
+from cnnlab.compress.binary import (BinaryConfig, BinaryConv2d, BinaryLinear, BinaryStorage, binarize,
+                                    binary_storage_bytes, sign_ste)
 from cnnlab.compress.fold import FoldReport, find_conv_bn_pairs, fold_bn, probe_input
+from cnnlab.compress.sharing import (CompressionReport, LayerStorage, SharingConfig, compression_report,
+                                     huffman_code_lengths, kmeans_1d, share_weights, unshare)
 
-__all__ = ["FoldReport", "find_conv_bn_pairs", "fold_bn", "probe_input"]
+__all__ = ["FoldReport", "find_conv_bn_pairs", "fold_bn", "probe_input",
+           "BinaryConfig", "BinaryConv2d", "BinaryLinear", "BinaryStorage", "binarize", "binary_storage_bytes",
+           "sign_ste", "CompressionReport", "LayerStorage", "SharingConfig", "compression_report",
+           "huffman_code_lengths", "kmeans_1d", "share_weights", "unshare"]
