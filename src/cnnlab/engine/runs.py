@@ -69,6 +69,10 @@ def load_run(run_dir: str | os.PathLike, tag: str | None = None) -> LoadedRun:
     from cnnlab.engine.tasks._model import rebuild_model
 
     model = rebuild_model(meta, config.model.options)
+    if meta.get("pruned_structure"):  # `cnnlab prune --structured`: the layers have fewer channels
+        from cnnlab.compress.prune_structured import apply_structure
+
+        apply_structure(model, meta["pruned_structure"], ckpt.weights)
     try:
         if use_ema:
             from cnnlab.engine.trainer import ema_weights
