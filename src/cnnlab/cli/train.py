@@ -27,6 +27,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--time-budget", metavar="DURATION",
                    help="stop within this wall time (e.g. 300, 4m): the first steps are timed and the number of "
                         "steps fixed to fit; evaluation included")
+    p.add_argument("--teacher", metavar="RUN",
+                   help="knowledge distillation: learn also from the soft targets of this trained classifier run "
+                        "(same data and classes; docs/distillation.md)")
+    p.add_argument("--temperature", type=finite_float, help="distillation temperature T (default 4)")
+    p.add_argument("--alpha", type=finite_float,
+                   help="weight of the soft (teacher) loss in [0, 1]; the labels get 1 - alpha (default 0.9)")
     p.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     p.set_defaults(func=cmd_train)
@@ -88,6 +94,11 @@ def config_from_args(args: argparse.Namespace):
     named = {"model.name": args.model, "data.name": args.data, "epochs": args.epochs, "data.batch_size": args.batch_size,
              "optim.lr": args.lr, "model.weights": args.weights, "name": args.name, "out_dir": args.out_dir,
              "device": args.device, "time_budget": budget}
+    teacher = getattr(args, "teacher", None)  # search and ensemble build their configs here too, without these
+    if teacher is not None:  # an absolute path: the run folder (and a resume from elsewhere) names the same teacher
+        named["distill.teacher"] = str(Path(teacher).resolve())
+    named["distill.temperature"] = getattr(args, "temperature", None)
+    named["distill.alpha"] = getattr(args, "alpha", None)
     overrides = [f"{k}={v}" for k, v in named.items() if v is not None] + list(args.overrides)
     if args.quiet:
         overrides.append("quiet=true")

@@ -2,6 +2,7 @@
 knowledge distillation. Works on any nn.Module."""
 from cnnlab.compress.binary import (BinaryConfig, BinaryConv2d, BinaryLinear, BinaryStorage, binarize,
                                     binary_storage_bytes, sign_ste)
+from cnnlab.compress.distill import Teacher, distillation_loss, soft_target_loss
 from cnnlab.compress.fold import FoldReport, find_conv_bn_pairs, fold_bn, probe_input
 from cnnlab.compress.prune import PruneConfig, PruneResult, parse_amounts, rebuild_pruned
 from cnnlab.compress.prune_structured import (ChannelPruner, StructuredReport, apply_structure, prune_structured,
@@ -16,4 +17,4 @@ __all__ = ["FoldReport", "find_conv_bn_pairs", "fold_bn", "probe_input",
            "huffman_code_lengths", "kmeans_1d", "share_weights", "unshare",
            "PruneConfig", "PruneResult", "parse_amounts", "rebuild_pruned", "ChannelPruner", "StructuredReport",
            "apply_structure", "prune_structured", "structure_of", "SparsityReport", "make_permanent",
-           "prune_unstructured", "sparsity_report"]
+           "prune_unstructured", "sparsity_report", "Teacher", "distillation_loss", "soft_target_loss"]

@@ -83,6 +83,22 @@ class OptimConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation (Hinton et al. 2015; classification only, docs/distillation.md).
+
+    Args:
+        teacher: a run folder of a trained classifier on the same data (None = no distillation).
+        temperature: T, the softmax temperature of the soft targets (> 0).
+        alpha: the weight of the soft (teacher) term, in [0, 1]; the labels' cross-entropy gets 1 - alpha.
+            The loss is ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE``.
+    """
+
+    teacher: str | None = None
+    temperature: float = 4.0
+    alpha: float = 0.9
+
+
+@dataclass
 class TrainConfig:
     """A whole run.
 
@@ -103,6 +119,7 @@ class TrainConfig:
         time_budget: seconds the whole run may take (0 = off). The first steps are timed, then the
             number of steps is fixed so that training, evaluation and reports end within it; the
             schedule is laid over those steps. ``epochs`` stays the upper limit.
+        distill: knowledge distillation from a teacher run (``DistillConfig``; off by default).
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -123,6 +140,7 @@ class TrainConfig:
     task: str = "auto"
     loss: str = "auto"
     time_budget: float = 0.0
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -147,10 +165,13 @@ class TrainConfig:
         return "\n".join(f"  {k} = {v!r}" for k, v in _flatten(self.to_dict()).items())
 
 
+SECTIONS = ("model", "data", "optim", "distill")  # the TrainConfig fields that are sections of keys
+
+
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in data.items():
-        if isinstance(v, dict) and k in ("model", "data", "optim") and not prefix:
+        if isinstance(v, dict) and k in SECTIONS and not prefix:
             out.update(_flatten(v, f"{k}."))
         else:
             out[prefix + k] = v
@@ -389,5 +410,39 @@ def validate(config: TrainConfig) -> None:
     negative = {k: v for k, v in config.model.lr_mult.items() if v < 0}
     if negative:  # a negative learning rate climbs the loss
         raise CnnlabError(f"model.lr_mult values must be >= 0 (0 freezes, 1 = base rate), got {negative}")
+    _validate_distill(config)
     if config.patience and config.data.val_fraction == 0:
         raise CnnlabError("early stopping (patience > 0) needs a validation split: set data.val_fraction, e.g. 0.1")
+
+
+DISTILL_TASK = "classification"  # distillation needs class logits (B, K): the classification task's outputs
+
+
+def check_distill_settings(temperature: float, alpha: float) -> None:
+    """A temperature must be finite and > 0, the soft-loss weight in [0, 1]; anything else is a CnnlabError."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        raise CnnlabError(f"distill.temperature (--temperature) must be a finite number > 0 (Hinton et al. use "
+                          f"1-20; default 4), got {temperature!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+        raise CnnlabError(f"distill.alpha (--alpha), the weight of the soft (teacher) term, must be in [0, 1] "
+                          f"(1 - alpha weighs the labels), got {alpha!r}")
+
+
+def _validate_distill(config: TrainConfig) -> None:
+    """T > 0, alpha in [0, 1], and a teacher only for a model whose outputs are class logits."""
+    distill = config.distill
+    check_distill_settings(distill.temperature, distill.alpha)
+    if distill.teacher is None:
+        return
+    if not isinstance(distill.teacher, str) or not distill.teacher.strip():
+        raise CnnlabError(f"distill.teacher must be a run folder (or None), got {distill.teacher!r}")
+    task = config.task
+    if task == "auto":
+        from cnnlab.models import list_models, model_info
+
+        if config.model.name not in list_models():  # an unknown name gets its own message when the model is built
+            return
+        task = model_info(config.model.name).task
+    if task != DISTILL_TASK:
+        raise CnnlabError(f"distill.teacher (--teacher) needs a model whose outputs are class logits (a {DISTILL_TASK} "
+                          f"model), but {config.model.name} is a {task} model; leave the teacher out")

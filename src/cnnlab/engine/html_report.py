@@ -534,7 +534,7 @@ def _flat_config(config: dict[str, Any]) -> dict[str, str]:
     """``{"optim": {"lr": 0.1}}`` -> ``{"optim.lr": "0.1"}`` (values as JSON, strings bare)."""
     flat = {}
     for key, value in config.items():
-        items = value.items() if isinstance(value, dict) and key in ("model", "data", "optim") else [(None, value)]
+        items = value.items() if isinstance(value, dict) and key in ("model", "data", "optim", "distill") else [(None, value)]
         for sub, v in items:
             flat[key if sub is None else f"{key}.{sub}"] = v if isinstance(v, str) else json.dumps(v)
     return flat

@@ -1,4 +1,5 @@
-"""Classification: cross-entropy (with label smoothing and auxiliary heads), accuracy, confusion matrix."""
+"""Classification: cross-entropy (with label smoothing, auxiliary heads and an optional distillation teacher),
+accuracy, confusion matrix."""
 from __future__ import annotations
 
 import math
@@ -47,6 +48,43 @@ class ClassificationTask(Task):
     metrics = ("acc",)
     losses = ("cross_entropy",)
 
+    def __init__(self, loss: str = "auto") -> None:
+        super().__init__(loss)
+        self._data = None  # the run's DataBundle (prepare), for checking a teacher against it
+        self._teacher = None  # the distillation teacher (config.distill.teacher), loaded once per run
+        self._distill = None  # the run's DistillConfig, for results.json
+
+    def prepare(self, data):
+        self._data = data
+
+    def build_model(self, config, data, weights):
+        model = super().build_model(config, data, weights)
+        if getattr(config, "distill", None) is not None and config.distill.teacher is not None:
+            self._prepare_teacher(config, data)  # a wrong teacher fails now, before the first step
+        return model
+
+    def _prepare_teacher(self, config, data):
+        """The teacher of ``config.distill``, loaded once (on the CPU) and checked against the student's data."""
+        from cnnlab.compress.distill import Teacher
+
+        if self._teacher is None or self._distill.teacher != config.distill.teacher:
+            if data is None:
+                raise CnnlabError("a distillation teacher needs the run's data (the task's prepare(data) was not "
+                                  "called); train through cnnlab.engine.train")
+            teacher = Teacher.load(config.distill.teacher)
+            teacher.check_student_data(config.data.name, config.to_dict()["data"], data.classes, data.input_shape,
+                                       data.preprocess_state)
+            self._teacher, self._distill = teacher, config.distill
+        return self._teacher
+
+    def _teacher_on(self, config, device):
+        """The teacher on the batches' device and in the student's memory format (moved once)."""
+        teacher = self._prepare_teacher(config, self._data)
+        placement = (device, config.model.channels_last)
+        if teacher.placement != placement:
+            teacher.to(device, channels_last=config.model.channels_last)
+        return teacher
+
     def build_data(self, config, device):
         from cnnlab.engine.data_setup import build_data
 
@@ -57,8 +95,16 @@ class ClassificationTask(Task):
         x, y = batch
         logits, aux = split_aux(net(x))
         smoothing = config.optim.label_smoothing
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=smoothing)
-        for a in aux:
+        distill = getattr(config, "distill", None)
+        if distill is None or distill.teacher is None:
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=smoothing)
+        else:  # the teacher reads the very batch the student does (augmented, mixed), without gradients
+            from cnnlab.compress.distill import distillation_loss
+
+            teacher_logits = self._teacher_on(config, x.device).logits(x)
+            loss = distillation_loss(logits, teacher_logits, y, distill.temperature, distill.alpha,
+                                     label_smoothing=smoothing)
+        for a in aux:  # auxiliary heads learn the labels only
             loss = loss + AUX_LOSS_WEIGHT * F.cross_entropy(a.float(), y, label_smoothing=smoothing)
         return StepOutput(loss, logits, y, len(y))
 
@@ -74,9 +120,12 @@ class ClassificationTask(Task):
         return math.log(data.num_classes)  # uniform predictions over K classes
 
     def summary(self, test) -> dict[str, Any]:
-        return {"test_accuracy": test.accuracy, "test_loss": test.loss, "test_topk": test.topk,
-                "confusion": test.confusion.tolist(), "precision": test.precision.tolist(),
-                "recall": test.recall.tolist()}
+        out = {"test_accuracy": test.accuracy, "test_loss": test.loss, "test_topk": test.topk,
+               "confusion": test.confusion.tolist(), "precision": test.precision.tolist(),
+               "recall": test.recall.tolist()}
+        if self._teacher is not None:  # a distilled run says from whom and how
+            out.update(self._teacher.describe(), temperature=self._distill.temperature, alpha=self._distill.alpha)
+        return out
 
     def headline(self, test) -> str:
         return f"test accuracy {test.accuracy:.4f}" + "".join(f", top-{k} {v:.4f}" for k, v in test.topk.items())
