@@ -79,7 +79,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
     import csv
     import io
     import json
-    from pathlib import Path
 
     import torch
 
