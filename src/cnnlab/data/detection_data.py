@@ -132,7 +132,37 @@ class DetectionBatches:
         return sharded
 
 
-class TensorDetectionBatches:
+class TensorShards:
+    """What tensor-resident batch iterators share under torchrun (``images``, ``batch_size``, ``drop_last`` theirs):
+    every rank draws the same epoch order (a CPU generator seeded by (seed, epoch)), the order is padded to a multiple
+    of ``world_size`` by repeating its head, and rank ``rank`` takes every ``world_size``-th item from ``rank``, in
+    steps of ``batch_size / world_size`` (the global batch is unchanged)."""
+
+    rank, world_size = 0, 1  # shard() sets them under torchrun
+
+    def shard(self, rank: int, world_size: int):
+        """Rank ``rank``'s share under torchrun."""
+        sharded = copy.copy(self)
+        sharded.batch_size = _local_batch(self.batch_size, world_size)
+        sharded.rank, sharded.world_size = rank, world_size
+        return sharded
+
+    def _shard_size(self) -> int:
+        return -(-len(self.images) // self.world_size)
+
+    def __len__(self) -> int:
+        n = self._shard_size()
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def _rank_order(self, order: torch.Tensor) -> torch.Tensor:
+        """This rank's items of the epoch's ``order`` (all of it in one process)."""
+        if self.world_size == 1:
+            return order
+        padded = torch.cat([order, order[:self._shard_size() * self.world_size - len(order)]])
+        return padded[self.rank::self.world_size]
+
+
+class TensorDetectionBatches(TensorShards):
     """Batches of a tensor-resident detection set (``fashion_det``): grey canvases (N, S, S) uint8 on the
     device, sliced, flipped and expanded to 3 channels a batch at a time; no workers.
 
@@ -152,32 +182,12 @@ class TensorDetectionBatches:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    rank, world_size = 0, 1  # shard() sets them under torchrun
-
-    def shard(self, rank: int, world_size: int) -> TensorDetectionBatches:
-        """Rank ``rank``'s share under torchrun: every rank draws the same epoch order and flips (a CPU generator
-        seeded by (seed, epoch)), pads the order to a multiple of ``world_size`` by repeating its head, takes every
-        ``world_size``-th canvas from ``rank`` and cuts ``batch_size / world_size`` per step (the global batch)."""
-        sharded = copy.copy(self)
-        sharded.batch_size = _local_batch(self.batch_size, world_size)
-        sharded.rank, sharded.world_size = rank, world_size
-        return sharded
-
-    def _shard_size(self) -> int:
-        return -(-len(self.images) // self.world_size)
-
-    def __len__(self) -> int:
-        n = self._shard_size()
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], list[dict[str, Any]]]]:
         gen = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch))  # CPU: same on every device
         n, width = len(self.images), self.images.shape[-1]
         order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
         flips = (torch.rand(n, generator=gen) < self.hflip) if self.hflip else torch.zeros(n, dtype=torch.bool)
-        if self.world_size > 1:
-            padded = torch.cat([order, order[:self._shard_size() * self.world_size - n]])
-            order = padded[self.rank::self.world_size]
+        order = self._rank_order(order)  # the flips stay drawn per canvas, before sharding: ranks agree
         for b in range(len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size].tolist()
             x = self.images[idx].float().div_(255)

@@ -46,7 +46,7 @@ from cnnlab.data.annotations import VOC_CLASSES, read_split
 from cnnlab.data.bundle import SUBSET_SEED, DataBundle, resize_images
 from cnnlab.data.collate import SegmentationCollate
 from cnnlab.data.config import DataConfig
-from cnnlab.data.detection_data import DetectionBatches, _epoch_seed, _local_batch, _rule_split
+from cnnlab.data.detection_data import DetectionBatches, TensorShards, _epoch_seed, _rule_split
 from cnnlab.data.folder import IMAGE_EXTENSIONS, read_image
 from cnnlab.data.joint_transforms import JointAugment, segmentation_transforms
 from cnnlab.data.preprocess import Normalize
@@ -140,7 +140,7 @@ def fit_tensor_normalize(kind: str, images: torch.Tensor) -> Normalize | None:
     return Normalize(tuple(mean), tuple(std))
 
 
-class TensorSegmentationBatches:
+class TensorSegmentationBatches(TensorShards):
     """Batches of a tensor-resident segmentation set: uint8 images and masks on the device, sliced, augmented,
     normalised and cast a batch at a time; no workers.
 
@@ -149,8 +149,6 @@ class TensorSegmentationBatches:
         augment: training augmentation or None; preprocess: the normalisation (None: images in [0, 1]);
         device; seed: base of the per-epoch generators; drop_last; ignore_index: padding of rescaled masks.
     """
-
-    rank, world_size = 0, 1  # shard() sets them under torchrun
 
     def __init__(self, images: torch.Tensor, masks: torch.Tensor, batch_size: int, *, shuffle: bool,
                  augment: SegAugment | None, preprocess: Normalize | None, device: torch.device, seed: int,
@@ -171,23 +169,6 @@ class TensorSegmentationBatches:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def shard(self, rank: int, world_size: int) -> TensorSegmentationBatches:
-        """Rank ``rank``'s share under torchrun, as fashion_det's: every rank draws the same epoch order and
-        augmentation (a CPU generator seeded by (seed, epoch)), pads the order to a multiple of ``world_size`` by
-        repeating its head, takes every ``world_size``-th item from ``rank`` and cuts ``batch_size / world_size``
-        per step (the global batch is unchanged)."""
-        sharded = copy.copy(self)
-        sharded.batch_size = _local_batch(self.batch_size, world_size)
-        sharded.rank, sharded.world_size = rank, world_size
-        return sharded
-
-    def _shard_size(self) -> int:
-        return -(-len(self.images) // self.world_size)
-
-    def __len__(self) -> int:
-        n = self._shard_size()
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         gen = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch))  # CPU: same on every device
         n, aug = len(self.images), self.augment or SegAugment()
@@ -196,8 +177,7 @@ class TensorSegmentationBatches:
         hflip = torch.rand(n, generator=gen) < aug.hflip
         vflip = torch.rand(n, generator=gen) < aug.vflip
         seeds = torch.randint(0, 2 ** 62, (n,), generator=gen)
-        if self.world_size > 1:
-            order = torch.cat([order, order[:self._shard_size() * self.world_size - n]])[self.rank::self.world_size]
+        order = self._rank_order(order)
         for b in range(len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
             on_device = idx.to(self.device)
