@@ -42,15 +42,22 @@ __all__ = ["Encoder", "build_encoder", "encoder_from_smp", "find_stage", "stage_
 OUTPUT_STRIDES = (8, 16, 32)
 
 
+class _StopForward(Exception):
+    """Raised by the last stage's tap: what follows in the classifier is not the encoder's."""
+
+
 class _Tap:
     """A forward hook that keeps its module's last output (an object found through the module, not a closure
     over the encoder: a deep copy of the model, an EMA's, and torch.export's copies of attributes still work)."""
 
     def __init__(self) -> None:
         self.output: Tensor | None = None
+        self.last = False  # the encoder's last stage: the rest of the classifier need not run
 
     def __call__(self, _module: nn.Module, _inputs: object, output: Tensor) -> None:
         self.output = output
+        if self.last and not torch.compiler.is_exporting():  # torch.export refuses exceptions as control flow
+            raise _StopForward
 
 
 def _tap_of(module: nn.Module) -> _Tap:
@@ -80,12 +87,24 @@ class Encoder(nn.Module):
             module = body.get_submodule(stage.module)
             if not any(isinstance(h, _Tap) for h in module._forward_hooks.values()):  # one per stage, shared
                 module.register_forward_hook(_Tap())
+        # The stages after the last one tapped are skeletons (build_backbone dropped their parameters, not their
+        # activations): they must not run. The last tap stops the forward; while exporting (no exceptions) they
+        # are identities, so that nothing, in-place activations included, touches the tapped maps.
+        modules = [f.module for f in getattr(body, "feature_info", [])]
+        last = self.stages[-1].module
+        _tap_of(body.get_submodule(last)).last = True
+        for later in modules[modules.index(last) + 1:] if last in modules else []:
+            parent, _, child = later.rpartition(".")
+            setattr(body.get_submodule(parent) if parent else body, child, nn.Identity())
 
     def forward(self, x: Tensor) -> list[Tensor]:
         taps = [_tap_of(self.body.get_submodule(s.module)) for s in self.stages]
         for tap in taps:
             tap.output = None
-        self.body.forward_features(x)  # (B, C, H, W) -> the taps fill in
+        try:
+            self.body.forward_features(x)  # (B, C, H, W) -> the taps fill in; the last one stops the forward
+        except _StopForward:
+            pass
         outputs = [tap.output for tap in taps]
         for tap in taps:
             tap.output = None  # hold no activations between calls

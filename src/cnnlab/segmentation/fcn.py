@@ -48,7 +48,7 @@ from cnnlab.layers import ConvNormAct
 from cnnlab.models.base import FeatureInfo
 from cnnlab.models.catalog import StateDict
 from cnnlab.models.registry import Family, register_model
-from cnnlab.segmentation.encoder import Encoder, build_encoder, find_stage, stage_table
+from cnnlab.segmentation.encoder import Encoder, _StopForward, build_encoder, find_stage, stage_table
 
 __all__ = ["FCN", "FCNConfig", "FCNHead", "SimpleSegmentationModel", "BilinearUpsample", "bilinear_kernel",
            "coordinate_maps", "check_num_classes", "fcn32s", "fcn16s", "fcn8s", "fcn", "fcn_resnet50",
@@ -153,9 +153,9 @@ def coordinate_maps(body: nn.Module, stages: Sequence[FeatureInfo], in_channels:
 
     handles = [m.register_forward_hook(layer_hook) for m in body.modules()
                if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d))]
-    for stage in stages:
+    for stage in stages:  # before the encoder's own taps (the last one stops the forward)
         handles.append(body.get_submodule(stage.module).register_forward_hook(
-            lambda _m, _i, _o, name=stage.module: maps.__setitem__(name, (state[0], state[1]))))
+            lambda _m, _i, _o, name=stage.module: maps.__setitem__(name, (state[0], state[1])), prepend=True))
     size = size or max(64, int(getattr(body, "min_input_size", 32)))
     was_training = body.training
     body.eval()
@@ -164,6 +164,8 @@ def coordinate_maps(body: nn.Module, stages: Sequence[FeatureInfo], in_channels:
     try:
         with torch.no_grad():
             body.forward_features(torch.zeros(1, in_channels, size, size, device=device))
+    except _StopForward:  # an encoder's last stage was reached: every map is recorded
+        pass
     finally:
         for h in handles:
             h.remove()
