@@ -18,7 +18,8 @@ from cnnlab._errors import CnnlabError
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cnnlab",
-        description="The landmark convolutional networks: build, inspect, train, evaluate, explain.",
+        description="The landmark convolutional networks: build, inspect, train, evaluate, explain, detect, segment, "
+                    "compress, export.",
     )
     parser.add_argument("--version", action="version", version=f"cnnlab {cnnlab.__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
