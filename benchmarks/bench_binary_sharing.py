@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 
 import torch
@@ -26,27 +25,7 @@ from cnnlab.compress.binary import binarize, binary_storage_bytes
 from cnnlab.compress.sharing import SharingConfig, compression_report, share_weights
 from cnnlab.engine import DataConfig, ModelConfig, OptimConfig, TrainConfig, evaluate, train
 from cnnlab.engine.data_setup import build_data
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in have)
-    except OSError:
-        pass
-    return "?"
+from _bench import cpu_name, cpu_flags  # noqa: E402  (benchmarks/_bench.py)
 
 
 def main() -> None:

@@ -18,13 +18,13 @@ The run folders stay under ``--out`` (default a temporary folder) for inspection
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from _bench import cpu_name  # noqa: E402  (benchmarks/_bench.py)
 
 
 def recipe(out: str, name: str, model: str, epochs: int, seed: int, args: argparse.Namespace, *,
@@ -40,16 +40,6 @@ def recipe(out: str, name: str, model: str, epochs: int, seed: int, args: argpar
                        optim=OptimConfig(optimizer=optimizer, lr=lr, schedule="onecycle", weight_decay=5e-4),
                        epochs=epochs, seed=seed, device="cpu", amp=amp or args.amp, threads=args.threads,
                        out_dir=out, name=name, quiet=True, plots=False)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

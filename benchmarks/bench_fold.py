@@ -8,36 +8,12 @@ Prints one Markdown row per (model, batch): median milliseconds of ``--repeats``
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
-import time
 
 import torch
 
 import cnnlab
 from cnnlab.compress import fold_bn
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def median_ms(model, x, warmup: int, repeats: int) -> float:
-    with torch.inference_mode():
-        for _ in range(warmup):
-            model(x)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+from _bench import cpu_name, median_ms  # noqa: E402  (benchmarks/_bench.py)
 
 
 def main() -> None:
@@ -63,7 +39,8 @@ def main() -> None:
             with torch.inference_mode():
                 ref, out = model(x), folded(x)
             diff = ((ref - out).abs().max() / ref.abs().max()).item()
-            eager, fast = median_ms(model, x, args.warmup, args.repeats), median_ms(folded, x, args.warmup, args.repeats)
+            timing = {"warmup": args.warmup, "repeats": args.repeats}
+            eager, fast = median_ms(model, x, **timing), median_ms(folded, x, **timing)
             print(f"| {name} | {batch} | {eager:.1f} | {fast:.1f} | {eager / fast:.2f}x | "
                   f"{folded.bn_fold.num_folded}/{folded.bn_fold.num_left} | {diff:.1e} |", flush=True)
 

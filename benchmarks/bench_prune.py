@@ -28,6 +28,7 @@ from cnnlab.engine import train
 from cnnlab.engine.recipes import demo_config
 from cnnlab.engine.tasks import get_task
 from cnnlab.analysis import summary
+from _bench import median_ms  # noqa: E402  (benchmarks/_bench.py)
 
 
 def cpu_line() -> str:
@@ -39,18 +40,6 @@ def cpu_line() -> str:
             flags = set(line.split(":", 1)[1].split())
     wanted = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags]
     return f"{name}, {torch.get_num_threads()} threads, flags: {' '.join(wanted)}"
-
-
-def median_ms(model, x, repeats: int) -> float:
-    with torch.inference_mode():
-        for _ in range(3):
-            model(x)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
 
 
 def latency_only(args) -> None:
@@ -133,7 +122,7 @@ def main() -> None:
         acc = task.evaluate(model, data.test, data).accuracy
         s = summary(model, tuple(data.input_shape), training_memory=False).totals
         sp = sparsity_report(model)
-        ms = [median_ms(model, torch.randn(b, *data.input_shape), args.repeats) for b in (1, 32)]
+        ms = [median_ms(model, torch.randn(b, *data.input_shape), repeats=args.repeats) for b in (1, 32)]
         print(f"| {label} | {acc:.2%} | {s.params:,} | {s.macs:,} | {sp.sparsity:.1%} | "
               f"{sp.total_bytes('dense') / 1e3:.0f} | {sp.total_bytes('csr') / 1e3:.0f} | {ms[0]:.3f} | {ms[1]:.2f} |",
               flush=True)
