@@ -152,16 +152,6 @@ def test_a_mismatching_runtime_raises(tmp_path, monkeypatch):
     assert files_in(tmp_path) == []
 
 
-def test_faster_rcnn_is_refused_with_the_reason_and_no_file(tmp_path):
-    """torch.export cannot trace the detector yet (the reason is in the message; see docs/export.md)."""
-    if "faster_rcnn" not in cnnlab.list_models(task="detection"):
-        pytest.skip("no faster_rcnn registered")
-    model = cnnlab.create_model("faster_rcnn", num_classes=3, backbone="resnet18", min_size=64, max_size=96)
-    with pytest.raises(CnnlabError, match="torch.export cannot trace FasterRCNN"):
-        to_onnx(model.eval(), tmp_path / "det.onnx", input_size=(3, 64, 80))
-    assert files_in(tmp_path) == []
-
-
 # (name, input size): small inputs each model accepts; exported only with CNNLAB_EXPORT_ALL=1 (a minute each here)
 SEGMENTATION = {"segnet": (3, 64, 64), "unet": (1, 572, 572), "deconvnet": (3, 224, 224), "pspnet": (3, 64, 64)}
 

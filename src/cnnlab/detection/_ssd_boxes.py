@@ -20,10 +20,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
+from torchvision.ops import box_iou, clip_boxes_to_image
 
 from cnnlab._errors import CnnlabError
-from cnnlab.detection.boxes import BoxCoder, Matcher
+from cnnlab.detection.boxes import BoxCoder, Matcher, batched_nms
 from cnnlab.detection.transform import ImageList
 
 __all__ = ["DefaultBoxGenerator", "paper_scales", "paper_aspect_ratios", "SSDMatcher", "MultiBoxLoss",

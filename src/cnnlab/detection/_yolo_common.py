@@ -8,9 +8,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms, clip_boxes_to_image, remove_small_boxes
+from torchvision.ops import clip_boxes_to_image, remove_small_boxes
 
 from cnnlab._errors import CnnlabError
+from cnnlab.detection.boxes import batched_nms
 from cnnlab.detection.options import check_inputs, group_options
 from cnnlab.detection.transform import DetectionTransform
 
@@ -130,7 +131,10 @@ def select_detections(boxes: Tensor, scores: Tensor, image_size: tuple[int, int]
     flat = scores.flatten()  # (M * K,): candidate m, class c at m * K + c
     keep = torch.where(flat > config.score_thresh)[0]
     flat = flat[keep]
-    if len(flat) > config.topk_candidates:
+    if torch.compiler.is_exporting():  # no branch on a data-dependent count: top-k of at most all, the same set
+        flat, top = flat.topk(min(config.topk_candidates, flat.shape[0]))
+        keep = keep[top]
+    elif len(flat) > config.topk_candidates:
         flat, top = flat.topk(config.topk_candidates)
         keep = keep[top]
     candidate, label = keep // num_classes, keep % num_classes

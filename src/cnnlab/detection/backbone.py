@@ -47,7 +47,7 @@ def run_tapped(model: nn.Module, x: Tensor, modules: Sequence[str]) -> dict[str,
 
     def hook(_module, _inputs, output, key):
         outputs[key] = output
-        if key == last:
+        if key == last and not torch.compiler.is_exporting():  # torch.export refuses exceptions as control flow
             raise _StopForward
 
     handles = [model.get_submodule(m).register_forward_hook(lambda mod, i, o, k=m: hook(mod, i, o, k))

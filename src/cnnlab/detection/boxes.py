@@ -22,7 +22,28 @@ from torch import Tensor
 
 from cnnlab._errors import CnnlabError
 
-__all__ = ["BoxCoder", "Matcher", "BalancedSampler", "check_targets"]
+__all__ = ["BoxCoder", "Matcher", "BalancedSampler", "batched_nms", "check_targets"]
+
+
+def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    """``torchvision.ops.batched_nms``, with one path that ``torch.export`` can trace.
+
+    torchvision picks, by the number of boxes, either one NMS over boxes shifted apart per class (the
+    "coordinate trick") or one NMS per class; both keep the same boxes in the same order of decreasing score.
+    After a score threshold the number of boxes depends on the data, and torch.export refuses to branch on
+    it, so while exporting the coordinate trick is always used (a single ``torchvision::nms``, which ONNX has
+    as ``NonMaxSuppression``). In normal use this is torchvision's function, unchanged.
+    """
+    import torchvision.ops
+
+    if not torch.compiler.is_exporting():
+        return torchvision.ops.batched_nms(boxes, scores, idxs, iou_threshold)
+    # torchvision's _batched_nms_coordinate_trick, less its `if boxes.numel() == 0` (a branch on the data, too):
+    # a zero appended to the coordinates gives max() a value when there are no boxes, and the same maximum
+    # otherwise (boxes are clipped to the image, so their coordinates are >= 0)
+    max_coordinate = torch.cat([boxes.reshape(-1), boxes.new_zeros(1)]).max()
+    offsets = idxs.to(boxes) * (max_coordinate + 1)
+    return torchvision.ops.nms(boxes + offsets[:, None], scores, iou_threshold)
 
 
 class BoxCoder:
@@ -82,7 +103,9 @@ class BoxCoder:
         """
         boxes = boxes.to(rel_codes.dtype)
         n = boxes.shape[0]
-        rel_codes = rel_codes.reshape(n, -1) if n else rel_codes.reshape(0, max(rel_codes.shape[-1], 4))
+        if not (torch.compiler.is_exporting() and rel_codes.ndim == 2):  # (n, 4 k) already while exporting:
+            # `if n` would branch on a count that depends on the data (the boxes above a score threshold)
+            rel_codes = rel_codes.reshape(n, -1) if n else rel_codes.reshape(0, max(rel_codes.shape[-1], 4))
         widths = boxes[:, 2] - boxes[:, 0]
         heights = boxes[:, 3] - boxes[:, 1]
         ctr_x = boxes[:, 0] + 0.5 * widths

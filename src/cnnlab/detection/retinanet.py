@@ -36,13 +36,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
+from torchvision.ops import box_iou, clip_boxes_to_image
 
 from cnnlab._errors import CnnlabError
 from cnnlab.detection.anchor_fit import AnchorCheck, generator_shapes
 from cnnlab.detection.anchors import AnchorGenerator
 from cnnlab.detection.backbone import build_backbone
-from cnnlab.detection.boxes import BoxCoder, Matcher
+from cnnlab.detection.boxes import BoxCoder, Matcher, batched_nms
 from cnnlab.detection.faster_rcnn import FasterRCNN, TransformConfig
 from cnnlab.detection.losses import check_focal_parameters, focal_classification_loss, l1_box_loss
 from cnnlab.detection.options import check_inputs, group_options

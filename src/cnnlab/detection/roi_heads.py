@@ -17,10 +17,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes, roi_pool
+from torchvision.ops import MultiScaleRoIAlign, box_iou, clip_boxes_to_image, remove_small_boxes, roi_pool
 
 from cnnlab._errors import CnnlabError
-from cnnlab.detection.boxes import BalancedSampler, BoxCoder, Matcher
+from cnnlab.detection.boxes import BalancedSampler, BoxCoder, Matcher, batched_nms
 
 __all__ = ["RoIHeads", "RoIPool", "TwoMLPHead", "FastRCNNPredictor", "fastrcnn_loss"]
 
@@ -50,6 +50,30 @@ class RoIPool(nn.Module):
         scale = 2.0 ** round(math.log2(x.shape[-2] / height))
         # float32: torchvision's CPU roi_pool has no bf16 kernel (under autocast x is bf16, the boxes float32)
         return roi_pool(x.float(), proposals, self.output_size, spatial_scale=scale)  # (R, C, h, w)
+
+
+def _roi_align_while_exporting(pool: nn.Module, features: dict[str, Tensor], proposals: list[Tensor],
+                               image_shapes: list[tuple[int, int]]) -> Tensor:
+    """``MultiScaleRoIAlign.forward`` as torch.export can trace it: the same per-level ``roi_align``.
+
+    torchvision sizes its result with ``len(rois)``, a Python int, which a data-dependent number of proposals
+    cannot give while tracing; here the result is sized by ``rois.shape[0]`` (a symbolic size) instead.
+    """
+    from torchvision.ops import roi_align
+    from torchvision.ops.poolers import _convert_to_roi_format, _filter_input, _setup_scales
+
+    maps = _filter_input(features, pool.featmap_names)
+    if pool.scales is None or pool.map_levels is None:
+        pool.scales, pool.map_levels = _setup_scales(maps, image_shapes, pool.canonical_scale, pool.canonical_level)
+    rois = _convert_to_roi_format(proposals)
+    if len(maps) == 1:
+        return roi_align(maps[0], rois, pool.output_size, pool.scales[0], pool.sampling_ratio)
+    levels = pool.map_levels(proposals)
+    result = maps[0].new_zeros((rois.shape[0], maps[0].shape[1], *pool.output_size))
+    for level, (feature, scale) in enumerate(zip(maps, pool.scales)):
+        idx = torch.where(levels == level)[0]
+        result[idx] = roi_align(feature, rois[idx], pool.output_size, scale, pool.sampling_ratio).to(result.dtype)
+    return result
 
 
 class TwoMLPHead(nn.Module):
@@ -209,7 +233,7 @@ class RoIHeads(nn.Module):
         num_classes = class_logits.shape[-1]
         pred_boxes = self.box_coder.decode(box_regression, torch.cat(proposals))  # (R, K+1, 4)
         pred_scores = F.softmax(class_logits, -1)
-        counts = [len(p) for p in proposals]
+        counts = [p.shape[0] for p in proposals]  # not len(): a symbolic size while exporting
 
         all_boxes, all_scores, all_labels = [], [], []
         for boxes, scores, shape in zip(pred_boxes.split(counts), pred_scores.split(counts), image_shapes):
@@ -240,7 +264,11 @@ class RoIHeads(nn.Module):
                 raise CnnlabError("RoIHeads in training mode needs targets (a list of dicts with 'boxes' and 'labels')")
             proposals, _, labels, regression_targets = self.select_training_samples(proposals, targets)
 
-        box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        if torch.compiler.is_exporting() and isinstance(self.box_roi_pool, MultiScaleRoIAlign):
+            pooled = _roi_align_while_exporting(self.box_roi_pool, features, proposals, image_shapes)
+        else:
+            pooled = self.box_roi_pool(features, proposals, image_shapes)
+        box_features = self.box_head(pooled)
         class_logits, box_regression = self.box_predictor(box_features)
 
         if self.training:

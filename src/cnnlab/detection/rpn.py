@@ -15,11 +15,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
+from torchvision.ops import box_iou, clip_boxes_to_image, remove_small_boxes
 
 from cnnlab._errors import CnnlabError
 from cnnlab.detection.anchors import AnchorGenerator
-from cnnlab.detection.boxes import BalancedSampler, BoxCoder, Matcher
+from cnnlab.detection.boxes import BalancedSampler, BoxCoder, Matcher, batched_nms
 from cnnlab.detection.roi_heads import SMOOTH_L1_BETA
 from cnnlab.detection.transform import ImageList
 from cnnlab.layers import ConvNormAct

@@ -20,7 +20,7 @@ from torch import nn
 
 from cnnlab._errors import CnnlabError
 from cnnlab.compress.fold import _tensors
-from cnnlab.export.pt2 import ExportResult, check_example, compare, refuse_existing, trace
+from cnnlab.export.pt2 import ExportResult, refuse_existing, trace
 
 MIN_OPSET = 18
 PROTOBUF_LIMIT = 2 * 2**30  # bytes: a larger model keeps its weights in an external .onnx.data file
@@ -45,7 +45,12 @@ def to_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: Any = None
     model.eval()
     try:
         traced = trace(model, input_size, dynamic_batch=dynamic_batch, dynamic_size=dynamic_size)
-        program = _translate(traced.program, traced.example, opset)
+        names = {}
+        if traced.detection:  # the graph's names: image -> boxes, scores, labels
+            from cnnlab.export.detection import INPUT_NAME, OUTPUT_NAMES
+
+            names = {"input_names": [INPUT_NAME], "output_names": list(OUTPUT_NAMES)}
+        program = _translate(traced.program, traced.example, opset, **names)
         program.model.metadata_props.update({str(k): str(v) for k, v in (metadata or {}).items()})
         external = sum(t.numel() * t.element_size() for t in traced.program.state_dict.values()) > PROTOBUF_LIMIT
         result = ExportResult(path, "onnx", 0, opset=opset, dynamic_axes=_onnx_axes(program, traced.dynamic_axes),
@@ -56,10 +61,11 @@ def to_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: Any = None
             tmp = Path(tmp_dir) / path.name  # the external data file, if any, is named after this name
             program.save(str(tmp), external_data=external)
             if check:
-                x = check_example(traced.example, dynamic_batch)
+                x = traced.check_input(dynamic_batch)
                 with torch.no_grad():
-                    reference = model(x)
-                result.max_abs_diff, result.tolerance = compare(reference, run_onnx(tmp, x), atol, "the ONNX model")
+                    reference = (traced.module or model)(x)
+                result.max_abs_diff, result.tolerance = traced.compare(reference, run_onnx(tmp, x), atol,
+                                                                       "the ONNX model")
             if external:
                 shutil.move(str(tmp) + ".data", str(path) + ".data")
             os.replace(tmp, path)
@@ -83,9 +89,9 @@ def run_onnx(path: str | os.PathLike, x: Any) -> list[torch.Tensor]:
     return [torch.from_numpy(o) for o in session.run(None, dict(zip(names, inputs)))]
 
 
-def _translate(program: torch.export.ExportedProgram, example: Any, opset: int) -> Any:
+def _translate(program: torch.export.ExportedProgram, example: Any, opset: int, **names: Any) -> Any:
     try:
-        return torch.onnx.export(program, (example,), dynamo=True, opset_version=opset, verbose=False)
+        return torch.onnx.export(program, (example,), dynamo=True, opset_version=opset, verbose=False, **names)
     except Exception as e:  # noqa: BLE001 - name the op ONNX cannot express, the rest of the report is long
         text = _chain(e)
         found = re.search(r"No ONNX function found for <OpOverload\(op='([^']+)', overload='([^']+)'\)>", text)

@@ -48,12 +48,29 @@ class ExportResult:
 
 @dataclass
 class Traced:
-    """A model traced by torch.export. Args: program; example (the traced input); dynamic_axes; notes."""
+    """A model traced by torch.export. Args: program; example (the traced input); dynamic_axes; notes; module:
+    what was traced (the model, or a detector wrapped as :class:`cnnlab.export.detection.OneImage`); detection:
+    whether the outputs are a detector's (boxes, scores, labels), compared detection by detection."""
 
     program: torch.export.ExportedProgram
     example: Any
     dynamic_axes: dict[str, list[str]]
     notes: list[str]
+    module: nn.Module | None = None
+    detection: bool = False
+
+    def check_input(self, dynamic_batch: bool) -> Any:
+        """A fresh random input to compare the file with PyTorch on (a detector: another image in 0..1)."""
+        if self.detection:
+            return torch.rand_like(self.example)
+        return check_example(self.example, dynamic_batch)
+
+    def compare(self, reference: Any, outputs: list[torch.Tensor], atol: float, where: str) -> tuple[float, float]:
+        if self.detection:
+            from cnnlab.export.detection import compare_detections
+
+            return compare_detections(reference, outputs, atol, where)
+        return compare(reference, outputs, atol, where)
 
 
 def refuse_existing(path: str | os.PathLike, overwrite: bool) -> Path:
@@ -74,6 +91,10 @@ def trace(model: nn.Module, input_size: Any, *, dynamic_batch: bool, dynamic_siz
     ``dynamic_size=None`` tries dynamic height/width and keeps them fixed, with a note, where the model does not
     allow them (a Linear after a flatten, a fixed reshape); ``True`` makes that an error.
     """
+    from cnnlab.export import detection
+
+    if detection.is_detector(model):
+        return _trace_detector(model, input_size, dynamic_size)
     batch = 2 if dynamic_batch else 1  # torch.export specialises a size-1 axis to 1, so trace batch 2
     example = probe_input(model, input_size, batch=batch, small=False)
     if isinstance(example, torch.Tensor) and not dynamic_batch and example.shape[0] != 1:
@@ -94,6 +115,24 @@ def trace(model: nn.Module, input_size: Any, *, dynamic_batch: bool, dynamic_siz
         return Traced(_export(model, example, dynamic_batch, False), example, _axes(example, dynamic_batch, False),
                       notes)
     return Traced(program, example, _axes(example, dynamic_batch, True), notes)
+
+
+def _trace_detector(model: nn.Module, input_size: Any, dynamic_size: bool | None) -> Traced:
+    """A detector for one image of a fixed size: (C, H, W) -> (boxes, scores, labels); see cnnlab.export.detection."""
+    from cnnlab.export import detection
+
+    detection.check_exportable(model)
+    if dynamic_size:
+        raise CnnlabError("a detector exports at one fixed image size (its resize factor and anchor grid are computed "
+                          "from the size while tracing); pass dynamic_size=None or False")
+    image = detection.example_image(model, input_size)
+    wrapped = detection.OneImage(model).eval()
+    with detection.nms_may_keep_none():
+        program = _export(wrapped, image, False, False)
+    h, w = image.shape[-2:]
+    note = (f"a detector exports for one image of {h}x{w} (input {detection.INPUT_NAME!r}, (C, H, W) in 0..1; "
+            f"outputs {', '.join(detection.OUTPUT_NAMES)}): the batch and the size are fixed")
+    return Traced(program, image, {detection.INPUT_NAME: []}, [note], module=wrapped, detection=True)
 
 
 def _export(model: nn.Module, example: Any, dynamic_batch: bool, dynamic_size: bool) -> torch.export.ExportedProgram:
@@ -139,6 +178,13 @@ def compare(reference: Any, outputs: list[torch.Tensor], atol: float, where: str
         if e.numel() == 0:
             continue
         e, o = e.detach().cpu().double(), o.detach().cpu().double()
+        if not torch.isfinite(e).all():  # nothing to compare against: say so rather than "differs by nan"
+            bad = int((~torch.isfinite(e)).sum())
+            raise CnnlabError(f"PyTorch's own output {i} is not finite ({bad} of {e.numel()} values NaN or inf) on the "
+                              f"random check input, so {where} cannot be verified and was not written: the model "
+                              "overflows float32 as it stands (e.g. a very deep residual network at random init, whose "
+                              "BatchNorm statistics are still mean 0, variance 1); load trained weights or calibrate "
+                              "the BatchNorm statistics first, or pass check=False")
         diff = (e - o).abs().max().item()
         scale = max(1.0, e.abs().max().item())
         worst, tolerance = max(worst, diff), max(tolerance, atol * scale)
@@ -172,12 +218,13 @@ def to_pt2(model: nn.Module, path: str | os.PathLike, *, input_size: Any = None,
             with open(tmp, "wb") as f:  # a file object: torch.export.save wants a .pt2 name otherwise
                 torch.export.save(traced.program, f, extra_files=dict(metadata or {}))
             if check:
-                x = check_example(traced.example, dynamic_batch)
+                x = traced.check_input(dynamic_batch)
                 with open(tmp, "rb") as f:
                     loaded = torch.export.load(f).module()
                 with torch.no_grad():
-                    reference, outputs = model(x), loaded(x)
-                result.max_abs_diff, result.tolerance = compare(reference, _tensors(outputs), atol, "the .pt2 program")
+                    reference, outputs = (traced.module or model)(x), loaded(x)
+                result.max_abs_diff, result.tolerance = traced.compare(reference, _tensors(outputs), atol,
+                                                                       "the .pt2 program")
 
         atomic_write(path, write)
     finally:
