@@ -1,9 +1,11 @@
 """``cnnlab prune`` on a tiny trained run: a new folder with the pruned weights, the table and the curve."""
 from __future__ import annotations
 
+import base64
 import csv
 import hashlib
 import json
+from html.parser import HTMLParser
 
 import pytest
 import torch
@@ -41,6 +43,54 @@ def _rows(path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+class _Tables(HTMLParser):
+    """The cells of each <table id=...> of a page, and the embedded PNGs."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.tables: dict[str, list[list[str]]] = {}
+        self.pngs: list[bytes] = []
+        self._id, self._cell = None, None
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table":
+            self._id = attrs.get("id")
+            self.tables[self._id] = []
+        elif tag == "tr" and self._id is not None:
+            self.tables[self._id].append([])
+        elif tag in ("td", "th") and self._id is not None:
+            self._cell = ""
+        elif tag == "img":
+            self.pngs.append(base64.b64decode(attrs["src"].split(",", 1)[1]))
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self.tables[self._id][-1].append(self._cell.strip())
+            self._cell = None
+        elif tag == "table":
+            self._id = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+
+
+def _pruning_table(folder) -> tuple[dict[str, list[str]], list[bytes]]:
+    """{amount: cells} of the Pruning section of folder/report.html (header row keyed "amount"), and its PNGs."""
+    page = _Tables((folder / "report.html").read_text(encoding="utf-8"))
+    return {row[0]: row[1:] for row in page.tables["pruning"]}, page.pngs
+
+
+def _expected_cells(row: dict) -> list[str]:
+    """What the page must show for one prune.csv row, formatted by hand (the oracle for the template)."""
+    latency = float(row["latency_ms_after"])
+    return [f"{int(row['params_after']):,}", f"{int(row['macs_after']):,}", f"{float(row['sparsity']):.1%}",
+            f"{latency:.2f}", f"{float(row['test_acc_after']):.2%}", f"{int(row['dense_bytes']):,}",
+            f"{int(row['csr_bytes']):,}", f"{int(row['bitmask_bytes']):,}", f"{int(row['file_bytes']):,}"]
+
+
 def test_unstructured_curve_with_finetuning_leaves_the_source_run_alone(run_dir, tmp_path, capsys):
     before = _digest(run_dir)
     out = tmp_path / "pruned"
@@ -62,7 +112,25 @@ def test_unstructured_curve_with_finetuning_leaves_the_source_run_alone(run_dir,
         assert row["params_after"] == row["params_before"]  # zeros are still stored
         assert 0 <= float(row["test_acc_after"]) <= 1
     printed = capsys.readouterr().out
-    assert "acc before" in printed and "curve:" in printed
+    assert "acc before" in printed and "curve:" in printed and f"report: {out / 'report.html'}" in printed
+    # the report of the new folder: one row per amount after the source's, the numbers prune.csv holds, the curve
+    table, pngs = _pruning_table(out)
+    assert list(table) == ["amount", "source (unpruned)", "0.25", "0.5"]
+    assert table["amount"][:5] == ["parameters", "MACs per image", "sparsity", "latency (ms)", "test accuracy"]
+    for row in rows:
+        assert table[f"{float(row['amount']):g}"] == _expected_cells(row)
+        assert int(row["file_bytes"]) == (out / f"amount-{float(row['amount']):g}" / "best.safetensors").stat().st_size
+        sub, _ = _pruning_table(out / f"amount-{float(row['amount']):g}")  # each amount's own folder has its page
+        assert list(sub) == ["amount", "source (unpruned)", f"{float(row['amount']):g}"]
+    source = table["source (unpruned)"]
+    assert source[0] == f"{int(rows[0]['params_before']):,}" and source[4] == f"{float(rows[0]['test_acc_before']):.2%}"
+    assert pngs == [(out / "sparsity_accuracy.png").read_bytes()]
+    # `cnnlab report NEWRUN` writes the same section again
+    first = (out / "report.html").read_text()
+    (out / "report.html").unlink()
+    assert main(["report", str(out)]) == 0
+    assert _pruning_table(out) == (table, pngs)
+    assert "Written by <code>cnnlab prune</code>" in first and "Learning curves" not in first
 
 
 def test_structured_prune_shrinks_and_rebuilds(run_dir, tmp_path):
@@ -82,6 +150,10 @@ def test_structured_prune_shrinks_and_rebuilds(run_dir, tmp_path):
     assert sum(p.numel() for p in loaded.model.parameters()) == report["params_after"]
     x = torch.rand(2, 1, 12, 12)
     assert torch.allclose(loaded.model(x), model(x), atol=1e-6)
+    table, pngs = _pruning_table(out)  # one amount: the folder's page, no curve
+    assert table["0.5"] == _expected_cells(_rows(out / "prune.csv")[0]) and pngs == []
+    assert table["0.5"][0] == f"{report['params_after']:,}"
+    assert report["latency_ms_after"] > 0 and report["latency"]["repeats"] == 20
 
 
 @pytest.mark.parametrize(("amount", "shown"), [("1.0", "1.0"), ("-0.5", "-0.5"), ("0.2,x", "'x'")])
@@ -102,3 +174,6 @@ def test_out_folder_that_holds_files_or_is_the_source_is_refused(run_dir, tmp_pa
     assert "inside the source run" in capsys.readouterr().err
     assert main(["prune", str(run_dir), "--amount", "0.5", "--ignore", "conv9", "--out", str(tmp_path / "o")]) == 2
     assert "'conv9'" in capsys.readouterr().err
+    assert main(["prune", str(run_dir), "--amount", "0.5", "--latency-repeats", "-1",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "--latency-repeats must be >= 0" in capsys.readouterr().err

@@ -3,8 +3,9 @@
 Prunes a classification run's model (a copy: the source run is never changed), fine-tunes it between
 steps through the engine, and writes a new folder: the pruned weights as a checkpoint
 (``best.safetensors`` + ``best.json``, with the per-layer channel counts of a structured model),
-``prune.json`` and ``prune.csv`` (parameters, MACs, sparsity, test accuracy before/after) and, for
-several amounts, ``sparsity_accuracy.png``.
+``prune.json`` and ``prune.csv`` (parameters, MACs, sparsity, CPU latency, test accuracy and sizes
+before/after), for several amounts ``sparsity_accuracy.png``, and ``report.html`` (its "Pruning"
+section; ``cnnlab report NEWRUN`` writes it again).
 """
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "Torch-Pruning: fewer parameters and MACs). With --steps N the amount is reached in N steps, each "
                     "followed by --finetune-epochs of training with the run's own recipe (learning rate scaled by "
                     "--finetune-lr-scale). Writes the pruned weights, prune.json, prune.csv and, for several "
-                    "amounts (--amount 0.25,0.5,0.75, one subfolder each), sparsity_accuracy.png to --out; "
-                    "the source run is never modified.")
+                    "amounts (--amount 0.25,0.5,0.75, one subfolder each), sparsity_accuracy.png and report.html to "
+                    "--out; the source run is never modified.")
     p.add_argument("run", help="a classification run folder (cnnlab train ...)")
     p.add_argument("--amount", required=True, help="fraction removed, in [0, 1); several comma-separated "
                                                    "(0.25,0.5,0.75) for a sparsity-accuracy curve")
@@ -41,6 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ignore", default="", metavar="LAYERS",
                    help="comma-separated module names to leave unpruned (structured: default the classifier)")
     p.add_argument("--round-to", type=int, default=None, help="structured: keep channel counts multiples of this")
+    p.add_argument("--latency-repeats", type=int, default=20, metavar="N",
+                   help="time N batch-1 forward passes on the CPU before and after (median; default 20, 0: skip)")
     p.add_argument("--checkpoint", choices=("best", "last"), help="which weights of RUN (default: those it reported)")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="do not print the fine-tuning epochs")
@@ -62,6 +65,8 @@ def _check_args(args: argparse.Namespace):
         raise CnnlabError(f"--finetune-epochs must be >= 0, got {args.finetune_epochs}")
     if args.finetune_lr_scale <= 0:
         raise CnnlabError(f"--finetune-lr-scale must be > 0, got {args.finetune_lr_scale}")
+    if args.latency_repeats < 0:
+        raise CnnlabError(f"--latency-repeats must be >= 0 (0: no timing), got {args.latency_repeats}")
     if args.round_to is not None and (args.round_to < 1 or not args.structured):
         raise CnnlabError(f"--round-to {args.round_to}: expected an integer >= 1, with --structured")
     out, source = Path(args.out), Path(args.run)
@@ -86,6 +91,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from cnnlab._io import atomic_write_text
     from cnnlab.compress.prune import PruneConfig, prune
     from cnnlab.engine.checkpoint import load_checkpoint, save_checkpoint
+    from cnnlab.engine.html_report import write_html_report
     from cnnlab.engine.runs import load_run
     from cnnlab.engine.tasks import get_task
     from cnnlab.engine.trainer import resolve_device
@@ -105,8 +111,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
         result = task.evaluate(model.to(device).eval(), data.test, data)
         return float(result.accuracy if hasattr(result, "accuracy") else result.metrics["acc"])
 
+    def latency(model) -> float | None:  # on the CPU, whatever --device fine-tunes on (the figure issue 12 asks for)
+        if not args.latency_repeats:
+            return None
+        from cnnlab.analysis.compare import measure_latency
+
+        cpu = model if example.device.type == "cpu" else copy.deepcopy(model).cpu()
+        return round(measure_latency(cpu, run.input_shape, repeats=args.latency_repeats, warmup=2), 4)
+
     base = run.model.to(device)
-    acc_before = accuracy(base)
+    acc_before, latency_before = accuracy(base), latency(base)
+    timing = {"repeats": args.latency_repeats, "batch": 1, "threads": torch.get_num_threads(),
+              "statistic": "median"} if args.latency_repeats else None
     rows, results = [], []
     for amount in amounts:
         folder = out if len(amounts) == 1 else out / f"amount-{amount:g}"
@@ -115,14 +131,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
                              ignored=ignored or None, round_to=args.round_to)
         finetune = _engine_finetune(run.config, data, folder / "finetune", args) if args.finetune_epochs else None
         result = prune(model, config, example_input=example, finetune=finetune)
-        acc_after = accuracy(model)
+        acc_after, latency_after = accuracy(model), latency(model)
         first, last = result.history[0], result.history[-1]
         row = {"amount": amount, "kind": "structured" if args.structured else "unstructured", "scope": args.scope,
                "steps": args.steps, "finetune_epochs": args.finetune_epochs, "params_before": first["params"],
                "params_after": last["params"], "macs_before": first["macs"], "macs_after": last["macs"],
-               "sparsity": round(result.sparsity.sparsity, 6),
+               "sparsity_before": round(first["sparsity"], 6), "sparsity": round(result.sparsity.sparsity, 6),
                "dense_bytes": result.sparsity.total_bytes("dense"), "csr_bytes": result.sparsity.total_bytes("csr"),
                "bitmask_bytes": result.sparsity.total_bytes("bitmask"),
+               "latency_ms_before": latency_before, "latency_ms_after": latency_after,
                "test_acc_before": acc_before, "test_acc_after": acc_after, "folder": str(folder)}
         rows.append(row)
         meta = dict(source.meta, pruning={**row, "source_run": str(args.run), "source_checkpoint": run.tag,
@@ -130,13 +147,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
                     pruned_structure=result.structure)
         folder.mkdir(parents=True, exist_ok=True)
         save_checkpoint(folder, "best", model.cpu(), meta, None, None, source.preprocess)
+        row["file_bytes"] = (folder / "best.safetensors").stat().st_size  # the weights on disk, honest size
         atomic_write_text(folder / "config.json", run.config.to_json())
-        atomic_write_text(folder / RESULT_NAME, json.dumps({**row, "result": result.to_dict()}, indent=2) + "\n")
+        atomic_write_text(folder / RESULT_NAME, json.dumps({**row, "source_run": str(args.run), "latency": timing,
+                                                             "result": result.to_dict()}, indent=2) + "\n")
         results.append(result)
         print(_line(row))
     out.mkdir(parents=True, exist_ok=True)
     if len(amounts) > 1:
-        atomic_write_text(out / RESULT_NAME, json.dumps({"source_run": str(args.run), "rows": rows}, indent=2) + "\n")
+        atomic_write_text(out / RESULT_NAME, json.dumps({"source_run": str(args.run), "latency": timing, "rows": rows},
+                                                        indent=2) + "\n")
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
     writer.writeheader()
@@ -145,6 +165,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     print(_table(rows))
     if len(amounts) > 1:
         print(f"curve: {_plot_curve(out / 'sparsity_accuracy.png', rows, acc_before)}")
+        for row in rows:  # each amount's folder is a run folder with its own page
+            write_html_report(row["folder"])
+    print(f"report: {write_html_report(out)}")
     if args.structured:
         print("the weights have the pruned shapes: cnnlab.compress.prune.rebuild_pruned(model, "
               "meta['pruned_structure'], weights) loads them into a fresh build")
@@ -180,11 +203,12 @@ def _line(row: dict) -> str:
 
 def _table(rows: list[dict]) -> str:
     lines = [f"{'amount':>6} {'kind':<12} {'params':>11} {'MACs':>13} {'sparsity':>8} {'dense MB':>8} {'csr MB':>7} "
-             f"{'acc before':>10} {'acc after':>9}"]
+             f"{'ms before':>9} {'ms after':>8} {'acc before':>10} {'acc after':>9}"]
     for r in rows:
+        ms = [f"{v:.3f}" if v is not None else "-" for v in (r["latency_ms_before"], r["latency_ms_after"])]
         lines.append(f"{r['amount']:>6g} {r['kind']:<12} {r['params_after']:>11,} {r['macs_after']:>13,} "
                      f"{r['sparsity']:>8.1%} {r['dense_bytes'] / 1e6:>8.3f} {r['csr_bytes'] / 1e6:>7.3f} "
-                     f"{r['test_acc_before']:>10.2%} {r['test_acc_after']:>9.2%}")
+                     f"{ms[0]:>9} {ms[1]:>8} {r['test_acc_before']:>10.2%} {r['test_acc_after']:>9.2%}")
     return "\n".join(lines)
 
 

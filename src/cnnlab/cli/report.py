@@ -9,8 +9,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "report", help="write an HTML report of a run, or compare several runs",
         description="One run folder: write RUN/report.html, one self-contained page (summary numbers, learning "
                     "curves, confusion matrix, misclassified images, per-class and per-epoch tables, model size, "
-                    "config); works on interrupted runs too. Several run folders: write one page comparing them "
-                    "(a table and their learning curves overlaid).")
+                    "config); works on interrupted runs too, and on a folder `cnnlab prune` wrote (its Pruning "
+                    "section). Several run folders: write one page comparing them (a table and their learning "
+                    "curves overlaid).")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s) (runs/<name>)")
     p.add_argument("--out", metavar="HTML", help="where to write the page (default: RUN/report.html for one run, "
                                                  "compare.html beside the first run folder for several)")

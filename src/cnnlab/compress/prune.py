@@ -148,3 +148,4 @@ def parse_amounts(text: str | Sequence[float]) -> list[float]:
     if not amounts:
         raise CnnlabError("no pruning amount given; expected fractions in [0, 1) such as 0.5 or 0.25,0.5,0.75")
     return amounts
+

@@ -9,6 +9,9 @@ The page is the same for every task: status, summary (the test metrics), learnin
 per-epoch table (whatever columns metrics.csv has), model size and configuration. What only one task
 has (classification: per-class table, confusion matrix, misclassified images) comes as a list of
 ``ReportSection`` from a function registered for the task with ``register_report_sections``.
+What a command other than training writes into a folder (``cnnlab prune``'s prune.json) brings its
+sections through ``register_file_sections``: any folder that holds the file gets them, and a folder
+that holds only such files (no epochs of its own) gets a page without the training parts.
 Pages are rendered by Jinja2 with autoescaping on, so no value from a run folder reaches the markup raw.
 """
 from __future__ import annotations
@@ -52,12 +55,15 @@ class ReportSection:
         table: rows as dicts with the same keys (the column headers); numbers are right-aligned,
             floats shown to 4 decimals.
         images: PNG files to embed (a path that does not exist is skipped), or PNG bytes drawn in memory.
+        formats: a format spec per table column for its numbers (``{"parameters": ",d", "accuracy": ".2%"}``);
+            columns not named keep the default.
     """
 
     title: str
     text: str = ""
     table: list[dict[str, Any]] | None = None
     images: list[Path | bytes] = field(default_factory=list)
+    formats: dict[str, str] = field(default_factory=dict)
 
     @property
     def slug(self) -> str:
@@ -86,6 +92,36 @@ def register_report_sections(task_name: str, fn: SectionsFn, *, replace: bool = 
     _SECTIONS[task_name] = fn
 
 
+FileSectionsFn = Callable[[Path], list[ReportSection]]
+
+
+@dataclass(frozen=True)
+class _FileSections:
+    fn: FileSectionsFn
+    command: str  # what writes the file, for the page's status line ("cnnlab prune")
+
+
+_FILE_SECTIONS: dict[str, _FileSections] = {}
+
+
+def register_file_sections(filename: str, fn: FileSectionsFn, *, command: str, replace: bool = False) -> None:
+    """Make ``fn(folder)`` give sections of every folder that holds ``filename`` (written there by ``command``).
+
+    For the numbers a command other than training writes (``cnnlab prune``'s prune.json): the sections come
+    after the task's, in the order registered. A folder with such a file and no training epochs of its own is
+    reported as written by ``command``, without the training parts (summary, curves, per-epoch table).
+    """
+    if not isinstance(filename, str) or not filename or "/" in filename or "\\" in filename:
+        raise CnnlabError(f"filename must be a file name without a folder (prune.json), got {filename!r}")
+    if not callable(fn):
+        raise CnnlabError(f"report sections for {filename!r} must be a function (folder), got {type(fn).__name__}")
+    old = _FILE_SECTIONS.get(filename)
+    if old is not None and old.fn is not fn and not replace:
+        raise CnnlabError(f"report sections for {filename!r} are already registered ({old.fn.__qualname__}); "
+                          "pass replace=True to replace them")
+    _FILE_SECTIONS[filename] = _FileSections(fn, command)
+
+
 @dataclass
 class RunFolder:
     """What a run folder holds, read once.
@@ -104,6 +140,8 @@ class RunFolder:
 
     @property
     def name(self) -> str:
+        if self.written_by:  # config.json there is the source run's, name included
+            return self.path.name
         return str(self.config.get("name") or self.path.name)
 
     @property
@@ -117,6 +155,18 @@ class RunFolder:
     @property
     def task(self) -> str:
         return str((self.results or {}).get("task") or self.meta.get("task") or DEFAULT_TASK)
+
+    @property
+    def known_files(self) -> list[str]:
+        """The files with registered sections (``register_file_sections``) that this folder holds."""
+        return [name for name in _FILE_SECTIONS if (self.path / name).is_file()]
+
+    @property
+    def written_by(self) -> str | None:
+        """The command that wrote a folder with no training of its own (no epochs, no last.json), else None."""
+        if self.history or self.meta or not self.known_files:
+            return None
+        return _FILE_SECTIONS[self.known_files[0]].command
 
     @property
     def finished(self) -> bool:
@@ -171,12 +221,13 @@ def read_run(run_dir: str | os.PathLike) -> RunFolder:
     path = Path(run_dir)
     if not path.is_dir():
         raise CnnlabError(f"{path} is not a folder; expected {EXPECTED}")
-    if not (path / "config.json").is_file():
+    derived = any((path / name).is_file() for name in _FILE_SECTIONS)  # e.g. cnnlab prune's NEWRUN of several amounts
+    if not (path / "config.json").is_file() and not derived:
         hint = ""
         if any((p / "config.json").is_file() for p in path.iterdir() if p.is_dir()):
             hint = f"; it holds run folders: pass them (cnnlab report {path}/A {path}/B) to compare them"
         raise CnnlabError(f"{path} has no config.json, so it is not a run folder; expected {EXPECTED}{hint}")
-    config = _read_json(path / "config.json")
+    config = _read_json(path / "config.json") if (path / "config.json").is_file() else {}
     meta = _read_json(path / "last.json") if (path / "last.json").is_file() else {}
     results = _read_json(path / "results.json") if (path / "results.json").is_file() else None
     if (path / "metrics.csv").is_file():
@@ -241,7 +292,9 @@ def _metric(name: str, value: Any) -> str:
     return _pct(value) if "acc" in name.lower() and math.isfinite(value) else _num(float(value))
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, fmt: str | None = None) -> str:
+    if fmt is not None and _is_number(value):
+        return _num(value, fmt)
     if isinstance(value, float):
         return _num(value)
     return "–" if value is None else str(value)
@@ -317,7 +370,7 @@ MACROS = """
 {%- if s.text %}<p class="note">{{ s.text }}</p>{% endif -%}
 {%- if s.table %}
 {%- set header = s.table[0].keys() | list -%}
-{{ table(header, s.table | map("dict_values", header) | list,
+{{ table(header, s.table | section_rows(header, s.formats),
          numeric=s.table | numeric_columns(header), id=s.slug) }}
 {%- endif -%}
 {%- for png in s.images | pngs %}<figure><img src="{{ png | png_uri }}" alt="{{ s.title }}"></figure>{% endfor -%}
@@ -337,19 +390,25 @@ PAGE = """<!DOCTYPE html>
 
 RUN = """{% extends "page.html" %}{% from "macros.html" import table, figure, section %}
 {% block body %}
-<header><h1>{{ run.name }} <small>· {{ run.model }}</small></h1>
-<p class="sub">dataset {{ run.dataset }} · task {{ run.task }} · folder <code>{{ run.path }}</code></p>
-{% if run.finished -%}
+<header><h1>{{ run.name }}{% if run.model != "?" %} <small>· {{ run.model }}</small>{% endif %}</h1>
+<p class="sub">{% if run.dataset != "?" %}dataset {{ run.dataset }} · {% endif -%}
+task {{ run.task }} · folder <code>{{ run.path }}</code></p>
+{% if run.written_by -%}
+<p class="status done">Written by <code>{{ run.written_by }}</code> ({{ run.known_files | join(", ") }}): this folder
+holds no training epochs of its own; its numbers are in the sections below.</p>
+{%- elif run.finished -%}
 <p class="status done">Finished: {{ run.history | length }} epoch(s){{ planned }}, tested on the test split.</p>
 {%- else -%}
 <p class="status open">Run in progress or interrupted {{ where }}{{ stale }}. The test-split numbers and the task's
 test plots come when it finishes; resume it with <code>cnnlab train --resume {{ run.path | string | quote }}</code>.</p>
 {%- endif %}
 </header>
+{% if not run.written_by %}
 <section id="summary"><h2>Summary</h2>{{ table(None, summary) }}</section>
 <section id="curves"><h2>Learning curves</h2>
 {%- if curves %}{{ figure(curves, "Learning curves", curves_caption) }}
 {%- else %}<p class="note">No plots yet: no epoch has finished.</p>{% endif %}</section>
+{% endif %}
 {% for s in sections %}{{ section(s) }}
 {% endfor -%}
 {% if epochs %}<section id="epochs"><h2>Per epoch</h2>
@@ -357,13 +416,17 @@ test plots come when it finishes; resume it with <code>cnnlab train --resume {{ 
 the best epoch is in bold.</p>
 {{ table(epochs.header, epochs.rows, numeric=range(epochs.header | length), id="per-epoch", marks=epochs.marks) }}
 </section>{% endif %}
-<section id="model"><h2>Model</h2>
+{% if not run.written_by %}<section id="model"><h2>Model</h2>
 {%- if model_note %}<p class="note">{{ model_note }}</p>{% else %}{{ table(None, model) }}{% endif %}</section>
-<section id="config"><h2>Configuration</h2>
-<p class="note">config.json (rerun with <code>cnnlab train --config config.json</code>); values that differ from
-the defaults are in bold.</p>
+{% endif %}
+{% if config.rows %}<section id="config"><h2>Configuration</h2>
+{% if run.written_by %}<p class="note">config.json: the training recipe of the run this folder was made from;
+values that differ from the defaults are in bold.</p>
+{% else %}<p class="note">config.json (rerun with <code>cnnlab train --config config.json</code>); values that
+differ from the defaults are in bold.</p>
+{% endif %}
 {{ table(("key", "value"), config.rows, marks=config.marks) }}
-</section>
+</section>{% endif %}
 {% endblock %}
 """
 
@@ -403,7 +466,7 @@ def _environment():
         autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters.update(
         png_uri=_png_uri, pngs=_pngs, quote=shlex.quote,
-        dict_values=lambda row, header: [_cell(row.get(k)) for k in header],
+        section_rows=lambda rows, header, formats: [[_cell(r.get(k), formats.get(k)) for k in header] for r in rows],
         numeric_columns=lambda rows, header: [i for i, k in enumerate(header) if any(_is_number(r.get(k)) for r in rows)])
     return env
 
@@ -558,24 +621,31 @@ def task_sections(run: RunFolder) -> list[ReportSection]:
     return list(fn(run.path, dict(run.results) if run.finished and run.results else {}))
 
 
+def file_sections(run: RunFolder) -> list[ReportSection]:
+    """The sections registered for the files the folder holds (``register_file_sections``), in registration order."""
+    return [s for name in run.known_files for s in _FILE_SECTIONS[name].fn(run.path)]
+
+
 def write_html_report(run_dir: str | os.PathLike, path: str | os.PathLike | None = None,
                       sections: Sequence[ReportSection] | None = None) -> Path:
     """Write one self-contained HTML page about ``run_dir`` (default ``run_dir/report.html``); returns its path.
 
     ``sections`` are the task-specific parts; None takes them from the function registered for results.json's
-    ``task`` (classification when it names none).
+    ``task`` (classification when it names none), followed by those of the files the folder holds
+    (``register_file_sections``).
     """
     run = read_run(run_dir)
     path = Path(path) if path is not None else run.path / "report.html"
     planned = run.config.get("epochs")
     of = f" of {planned} planned" if planned else ""
     where = f"after epoch {len(run.history)}{of}" if run.history else "before its first epoch ended"
-    model_rows, model_note = _model(run)
+    model_rows, model_note = _model(run) if not run.written_by else ([], "")
     text = _render(
         "run.html", f"{run.name} – {run.model} · cnnlab report", run=run, planned=of, where=where,
         stale=" (results.json is from an earlier finish; training was resumed since)" if run.results else "",
         summary=_summary(run), curves=_curves_png(run), curves_caption=CURVES_CAPTION,
-        sections=list(sections) if sections is not None else task_sections(run), epochs=_epochs(run),
+        sections=list(sections) if sections is not None else task_sections(run) + file_sections(run),
+        epochs=_epochs(run),
         model=model_rows, model_note=model_note, config=_config(run))
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write_text(path, text)
@@ -615,6 +685,59 @@ def classification_sections(run_dir: str | os.PathLike, results: dict[str, Any])
 
 
 register_report_sections(DEFAULT_TASK, classification_sections)
+
+
+# ---------------------------------------------------------------- cnnlab prune's folders
+
+PRUNE_COLUMNS = {  # prune.json row key -> (column title, number format)
+    "params": ("parameters", ",d"), "macs": ("MACs per image", ",d"), "sparsity": ("sparsity", ".1%"),
+    "latency_ms": ("latency (ms)", ".2f"), "test_acc": ("test accuracy", ".2%"),
+    "dense_bytes": ("dense bytes", ",d"), "csr_bytes": ("CSR bytes", ",d"), "bitmask_bytes": ("bitmask bytes", ",d"),
+    "file_bytes": ("safetensors bytes", ",d"),
+}
+
+
+def _pruning_sections(folder: Path) -> list[ReportSection]:
+    """report.html's "Pruning" section of a folder ``cnnlab prune`` wrote: amount -> parameters, MACs, sparsity,
+    latency, test accuracy and sizes, read from its prune.json (one amount, or the rows of several), and the
+    sparsity-accuracy curve when there is one."""
+    path = Path(folder) / "prune.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        rows = data["rows"] if "rows" in data else [data]
+        first = rows[0]
+        kind, scope, steps, epochs = first["kind"], first["scope"], first["steps"], first["finetune_epochs"]
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise CnnlabError(f"{path} cannot be read as the prune.json `cnnlab prune` writes ({type(e).__name__}: "
+                          f"{e}); the folder {path.parent} is damaged") from None
+    table = [_report_row("source (unpruned)", first, "before")] + [_report_row(r["amount"], r, "after") for r in rows]
+    latency = data.get("latency") or {}
+    timing = (f" Latency: median of {latency.get('repeats')} forward passes of one image on the CPU "
+              f"({latency.get('threads')} thread(s)), fp32 eager." if latency else "")
+    source = data.get("source_run")
+    text = (f"cnnlab prune{f' of {source}' if source else ''}: {kind}, {scope} scope, {steps} step(s), "
+            f"{epochs} fine-tuning epoch(s) after each. The first row is the source model. Parameters and MACs "
+            "are counted by cnnlab.summary; sparsity is the share of zeros in the conv/linear weights; test "
+            "accuracy is on the source run's test split." + timing + " Sizes: dense is the fp32 state_dict as saved "
+            "(zeros take as much room as any weight), CSR and bitmask the sparse encodings of the pruned layers "
+            "(other tensors dense), safetensors the weights file on disk.")
+    images = [Path(folder) / "sparsity_accuracy.png"]
+    formats = {"amount": "g", **{title: fmt for title, fmt in PRUNE_COLUMNS.values()}}
+    return [ReportSection("Pruning", text, table=table, images=images, formats=formats)]
+
+
+def _report_row(amount: Any, row: dict[str, Any], when: str) -> dict[str, Any]:
+    """One table row: the values after pruning (or before, for the source row); sizes only after."""
+    out: dict[str, Any] = {"amount": amount}
+    for key, (title, _) in PRUNE_COLUMNS.items():
+        if key.endswith("_bytes"):
+            out[title] = row.get(key) if when == "after" else None
+        else:
+            out[title] = row.get(f"{key}_{when}", row.get(key) if key == "sparsity" and when == "after" else None)
+    return out
+
+
+register_file_sections("prune.json", _pruning_sections, command="cnnlab prune")
 
 
 # ---------------------------------------------------------------- several runs
