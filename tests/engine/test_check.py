@@ -71,3 +71,35 @@ def test_check_config_turns_off_augmentation_and_regularisation():
                             ({"overfit_steps": 0}, "overfit_steps must be")]:
         with pytest.raises(CnnlabError, match=message):
             check(config, **kwargs)
+
+
+@pytest.mark.parametrize(("aux", "weight"), [(False, 0.0), (True, 0.4)])
+def test_a_segmenter_with_an_auxiliary_head_expects_the_loss_of_both_heads(monkeypatch, aux, weight):
+    """Uniform logits give ln K per scored pixel from each head (ignored pixels count nowhere): the task's loss
+    main + 0.4 x aux is then (1 + 0.4) ln K; an untrained segmenter with ``aux`` must not be called confident."""
+    from cnnlab.engine.tasks.segmentation import SegmentationTask
+    from tests.engine.test_segmentation_task import CLASSES, MODEL, make_bundle
+
+    monkeypatch.setattr(SegmentationTask, "build_data", lambda self, config, device: make_bundle())
+    config = apply_overrides(TrainConfig(), [f"model.name={MODEL}", "data.name=synthetic_seg", "data.batch_size=8",
+                                             f'model.options={{"aux_loss": {str(aux).lower()}}}', "device=cpu",
+                                             "threads=1", "optim.optimizer=adam", "optim.lr=0.01"])
+    result = check(config, sample_size=8, overfit_steps=10, lr_steps=10, say=lambda s: None)
+    initial = result.steps[0]
+    assert initial.numbers["expected"] == pytest.approx((1 + weight) * math.log(len(CLASSES)), rel=1e-6)
+    assert abs(initial.numbers["loss"] / initial.numbers["expected"] - 1) < 0.25
+    assert "far from the expected value" not in initial.message
+
+
+def test_the_uniform_output_keeps_the_models_output_structure():
+    """Every kind of output a task reads (GoogLeNet's named tuple of aux logits, a segmenter's dict) comes back with
+    the same structure, every tensor zeros (uniform predictions)."""
+    import torch
+
+    from cnnlab.engine.check import _zeros_like
+    from cnnlab.models.googlenet import GoogLeNetOutputs
+
+    out = GoogLeNetOutputs(torch.randn(2, 5), torch.randn(2, 5), torch.randn(2, 5))
+    zeros = _zeros_like({"out": out, "aux": [torch.ones(1, 3)], "n": 4})
+    assert type(zeros["out"]) is GoogLeNetOutputs and zeros["n"] == 4 and isinstance(zeros["aux"], list)
+    assert all(t.shape == (2, 5) and not t.any() for t in zeros["out"]) and not zeros["aux"][0].any()

@@ -337,3 +337,21 @@ def test_evaluation_forwards_at_most_16_images_whatever_the_loader_batch():
         for x, y in whole:
             expected.update(model(x), y)
     assert result.metrics["miou"] == pytest.approx(expected.compute()["miou"])
+
+
+@pytest.mark.parametrize("count", [1, 2, 8])
+def test_the_segmentations_title_fits_in_the_figure_above_the_images(count):
+    from cnnlab._plot import pyplot
+    from cnnlab.engine.tasks.segmentation import segmentations_figure
+
+    torch.manual_seed(0)
+    data = make_bundle()
+    fig = segmentations_figure(TinySeg(), data.test, data, "validation", count)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    title, page = fig.get_suptitle(), fig.bbox
+    box = fig._suptitle.get_window_extent(renderer)
+    pyplot().close(fig)
+    assert title.startswith("validation images")
+    assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1, (box, page)
+    assert box.y0 >= max(ax.get_tightbbox(renderer).y1 for ax in fig.axes)  # above the images, not over them

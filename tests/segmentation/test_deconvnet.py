@@ -1,6 +1,7 @@
 """SegNet and DeconvNet: max-unpooling with the encoder's indices, shapes, parameter counts, errors."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import cnnlab
@@ -89,3 +90,40 @@ def test_summary_counts_segnets_macs_as_torchs_flop_counter():
         model(torch.rand(1, 3, 32, 32))
     macs = summary(model, (3, 32, 32), training_memory=False).totals.macs_by_kind
     assert macs["conv"] + macs.get("linear", 0) == counter.get_total_flops() // 2  # torch counts convs and matmuls only
+
+
+@pytest.mark.parametrize("norm_layer", [nn.BatchNorm2d, None], ids=["bn", "no-norm"])
+def test_backbone_weights_initialise_fc6_and_fc7_from_the_classifiers_fc_layers(tmp_path, norm_layer):
+    """A random VGG-16-BN state_dict (its FC layers 16 wide: the test stays small): fc6 and fc7 become the
+    classifier's fully connected layers reshaped into a 7x7 and a 1x1 conv, as Noh et al. (and FCN) convert them."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        vgg = cnnlab.create_model("vgg16_bn", num_classes=2)
+    vgg.head = nn.Identity()
+    vgg.to_empty(device="cpu")
+    for p in vgg.parameters():
+        nn.init.normal_(p)
+    state = dict(vgg.state_dict())
+    fc6, fc7 = nn.Linear(512 * 7 * 7, 16), nn.Linear(16, 16)  # VGG's head.fc6 / head.fc7 over the 7x7 pool5 map
+    state.update({"head.fc6.weight": fc6.weight.detach(), "head.fc6.bias": fc6.bias.detach(),
+                  "head.fc7.weight": fc7.weight.detach(), "head.fc7.bias": fc7.bias.detach(),
+                  "head.fc.weight": torch.randn(2, 16), "head.fc.bias": torch.randn(2)})
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "vgg16_bn.safetensors")
+    model = deconvnet(num_classes=3, fc_channels=16, norm_layer=norm_layer,
+                      backbone_weights=tmp_path / "vgg16_bn.safetensors")
+    conv6, conv7 = model.bottleneck.fc6.conv, model.bottleneck.fc7.conv
+    torch.testing.assert_close(conv6.weight, fc6.weight.reshape(16, 512, 7, 7), rtol=0, atol=0)
+    torch.testing.assert_close(conv7.weight, fc7.weight.reshape(16, 16, 1, 1), rtol=0, atol=0)
+    torch.testing.assert_close(model.encoder[4].convs[2].conv.weight, vgg.stages[4][2].conv.weight)
+    pool5 = torch.randn(2, 512, 7, 7)
+    with torch.no_grad():  # the oracle: the classifier's fc6 on the flattened map (no bias where BN follows)
+        expected = F.linear(pool5.flatten(1), fc6.weight, fc6.bias if norm_layer is None else None)
+        torch.testing.assert_close(conv6(pool5).flatten(1), expected, rtol=1e-4, atol=1e-4)
+    if norm_layer is None:
+        torch.testing.assert_close(conv7.bias, fc7.bias, rtol=0, atol=0)
+    else:
+        assert conv6.bias is None and conv7.bias is None
+    with pytest.raises(CnnlabError, match="fc6 .* does not fit deconvnet's fc6 conv"):  # another fc width
+        deconvnet(num_classes=3, fc_channels=8, backbone_weights=tmp_path / "vgg16_bn.safetensors")

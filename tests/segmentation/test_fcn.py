@@ -99,12 +99,13 @@ def test_skip_fcn_crops_are_those_of_the_papers_caffe_nets(meta_fcn8s, skips, of
 
 def test_skip_fcn_upsampling_fixed_final_learnt_2x(meta_fcn8s):
     model = meta_fcn8s
-    assert not model.upscore.weight.requires_grad and model.upscore.factor == 8
-    assert all(up.weight.requires_grad and up.factor == 2 for up in model.upscore_skips)
+    assert not model.head.upscore.weight.requires_grad and model.head.upscore.factor == 8
+    assert all(up.weight.requires_grad and up.factor == 2 for up in model.head.upscore_skips)
     try:
         model(torch.randn(2, 3, 40, 56, device="meta")).sum().backward()
-        assert all(score.weight.grad is not None for score in model.score)  # fc7, pool4, pool3 scores learn
-        assert all(up.weight.grad is not None for up in model.upscore_skips) and model.upscore.weight.grad is None
+        assert all(score.weight.grad is not None for score in model.head.score)  # fc7, pool4, pool3 scores learn
+        assert all(up.weight.grad is not None for up in model.head.upscore_skips)
+        assert model.head.upscore.weight.grad is None
     finally:
         model.zero_grad(set_to_none=True)
 
@@ -188,3 +189,56 @@ def test_fcn_on_a_dilated_basic_block_resnet():
 def test_bad_fcn_options_say_what_is_expected(name, kwargs, message):
     with pytest.raises(CnnlabError, match=message):
         cnnlab.create_model(name, **kwargs)
+
+
+def _random_small_fcn8s(num_classes: int, seed: int) -> FCN:
+    """Every weight random (built on the meta device: the crops' probe forward through VGG costs seconds on CPU)."""
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = cnnlab.create_model("fcn8s", backbone="vgg11", num_classes=num_classes, fc_channels=8)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    return model
+
+
+def test_weights_for_other_classes_leave_out_exactly_the_class_dependent_layers(tmp_path):
+    """Fine-tuning (model.weights=FILE of a 21-class fcn8s into a 3-class one): the head, every layer whose shape
+    depends on the class count (score layers and up-samplings), keeps its fresh initialisation; all else loads."""
+    from safetensors.torch import save_file
+
+    from cnnlab.engine.tasks._model import load_model_weights
+
+    source = _random_small_fcn8s(21, seed=1).state_dict()
+    save_file({k: v.contiguous() for k, v in source.items()}, tmp_path / "voc.safetensors")
+    target = _random_small_fcn8s(21, seed=2)
+    target.reset_classifier(3)  # what create_model(num_classes=3) initialises the head to
+    fresh = {k: v.clone() for k, v in target.state_dict().items()}
+    load_model_weights(target, tmp_path / "voc.safetensors", "fcn8s", default_head="fc")  # the engine's path
+    loaded = target.state_dict()
+    class_dependent = {k for k in source if source[k].shape != loaded[k].shape}
+    assert class_dependent == {k for k in loaded if k == target.head_name or k.startswith(target.head_name + ".")}
+    assert len(class_dependent) == 3 * 2 + 2 + 1  # 3 score convs (weight, bias), 2 2x up-samplings, the final one
+    for key, value in loaded.items():
+        torch.testing.assert_close(value, fresh[key] if key in class_dependent else source[key], rtol=0, atol=0)
+    assert (target.head.score[1].weight == 0).all()  # fresh: zero scores, bilinear up-samplings (§3.3, §4.3)
+    torch.testing.assert_close(target.head.upscore.weight[2, 2], bilinear_kernel(8))
+    # reset_classifier gives the same: a fresh head of the new shapes, nothing else touched
+    model = _random_small_fcn8s(21, seed=1)
+    model.reset_classifier(3)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in loaded.items()}
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, fresh[key] if key in class_dependent else source[key], rtol=0, atol=0)
+
+
+def test_a_checkpoint_with_the_old_top_level_head_keys_still_loads():
+    model = _random_small_fcn8s(3, seed=2)
+    new = model.state_dict()
+    old = {k.removeprefix("head."): v for k, v in new.items()}  # score.0.weight, upscore_skips.1.weight, ...
+    assert "score.0.weight" in old and "upscore.weight" in old
+    for load in (lambda m: m.load_state_dict(old), lambda m: cnnlab.load_weights(m, old)):  # run folders, files
+        other = _random_small_fcn8s(3, seed=3)
+        load(other)
+        for key, value in other.state_dict().items():
+            torch.testing.assert_close(value, new[key], rtol=0, atol=0)

@@ -8,7 +8,9 @@ The recipe of the course notes (seed 004: "check the loss at initialisation, ove
 sample, find a learning rate at which the loss drops, then coarse grid"):
 
 1. **Initial loss.** An untrained model should be unsure: the loss of the first batches against
-   the task's expected value (``ln K`` for K classes), and that a few optimiser steps lower it.
+   the task's expected value (``ln K`` for K classes; with auxiliary heads, the task's loss of uniform
+   predictions from every head: ``(1 + 0.4) ln K`` for a segmenter with ``aux``), and that a few
+   optimiser steps lower it.
 2. **Overfit a small sample** (2 batches of 32 images, no augmentation, no weight decay): a model
    and loss that can learn drive the training loss near zero within ``overfit_steps`` steps.
    If they cannot, no amount of search will help (a bug, a frozen model, a far too small rate).
@@ -147,13 +149,38 @@ class _Runner:
         return loss.item()
 
     @torch.no_grad()
-    def measure(self, batches: list[Any]) -> dict[str, float]:
+    def measure(self, batches: list[Any], net: Any = None) -> dict[str, float]:
         """The task's training metrics on ``batches`` (train mode: as the training loop computes them)."""
         meter = self.task.meter(self.device)
         for batch in batches:
             with autocast(self.device, self.amp):
-                meter.update(self.task.step(self.model, batch, self.config))
+                meter.update(self.task.step(net or self.model, batch, self.config))
         return meter.compute()
+
+    def uniform_loss(self, batches: list[Any]) -> float:
+        """The task's loss on ``batches`` of an output shaped like the model's with every logit 0.
+
+        Uniform predictions from every head: what an unsure untrained model should score. Going through the
+        task's own loss counts what a formula would miss: auxiliary heads and their weight (GoogLeNet's,
+        a segmenter's ``aux``), ignored pixels, a distillation teacher.
+        """
+        def unsure(x: torch.Tensor) -> Any:
+            return _zeros_like(self.model(x))
+
+        return self.measure(batches, unsure)["loss"]
+
+
+def _zeros_like(output: Any) -> Any:
+    """``output`` (a tensor, or a dict / tuple / named tuple / list of them) with every tensor replaced by zeros."""
+    if isinstance(output, torch.Tensor):
+        return torch.zeros_like(output)
+    if isinstance(output, dict):
+        return type(output)((k, _zeros_like(v)) for k, v in output.items())
+    if isinstance(output, tuple) and hasattr(output, "_fields"):
+        return type(output)(*(_zeros_like(v) for v in output))
+    if isinstance(output, (tuple, list)):
+        return type(output)(_zeros_like(v) for v in output)
+    return output
 
 
 def check(config: TrainConfig, *, sample_batches: int = 2, sample_size: int = 32, fall_steps: int = 10,
@@ -232,6 +259,9 @@ def _initial_loss(task: Task, config: TrainConfig, data: Any, device: torch.devi
         run.step(sample[i % len(sample)])
     after = run.measure(sample)["loss"]
     numbers["after"] = after
+    if expected is not None:  # the task expects uniform predictions: their loss through every head of this model
+        expected = run.uniform_loss(sample)
+        numbers["expected"] = expected
     fell = (start - after) / abs(start) if start else 0.0
     numbers["fell"] = fell
     text = f"loss {start:.4f}"

@@ -16,7 +16,10 @@ argument against U-Net-style concatenation), and boundaries land where the encod
 
 The encoder is taken from any registered classifier (``backbone=``, ``vgg16_bn`` by default) whose
 ``feature_info`` stages are ``nn.Sequential`` ending in a 2x2 max pool (cnnlab's VGGs): its convs are
-reused, so ``backbone_weights`` (a cnnlab run folder or weights file of that classifier) initialise them.
+reused, so ``backbone_weights`` (a cnnlab run folder or weights file of that classifier) initialise them; in
+DeconvNet they also initialise fc6 and fc7 from the classifier's fully connected layers, reshaped into convs
+as the paper does (FCN's :func:`~cnnlab.segmentation.fcn.load_fc_as_conv`; with batch norm after them, the
+weights only).
 Logits come at the input size for any size the pools can halve (odd sizes too: each unpooling restores the
 exact size its pool saw).
 """
@@ -31,6 +34,7 @@ from torch import Tensor, nn
 from cnnlab._errors import CnnlabError
 from cnnlab.layers import ConvNormAct
 from cnnlab.models.registry import Family, register_model
+from cnnlab.segmentation.fcn import classifier_state_dict, load_fc_as_conv
 
 __all__ = ["ConvDeconvNet", "EncoderStage", "DecoderStage", "segnet", "deconvnet", "pooled_stages"]
 
@@ -245,5 +249,8 @@ def deconvnet(*, backbone: str = "vgg16_bn", num_classes: int = 21, in_channels:
     model = ConvDeconvNet([EncoderStage(s) for s in encoder_convs], decoder, head, bottleneck, num_classes,
                           min_size=fc_kernel * 2 ** len(encoder_convs))
     _init(model, skip=model.encoder if backbone_weights is not None else ())
+    if backbone_weights is not None:  # Noh et al. start the whole convolution network, fc6/fc7 too, from VGG-16
+        load_fc_as_conv({"fc6": bottleneck.fc6.conv, "fc7": bottleneck.fc7.conv},
+                        classifier_state_dict(backbone_weights), model="deconvnet")
     model.model_name, model.in_channels = "deconvnet", in_channels
     return model

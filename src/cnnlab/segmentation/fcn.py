@@ -27,9 +27,12 @@ torchvision's ``fcn_resnet50`` state_dicts (``cnnlab.load_weights``) and gives t
 
 Output: a ``(N, K, H, W)`` logits tensor at the input size; with ``aux_loss=True`` a dict ``{"out", "aux"}``.
 
-state_dict keys: ``encoder.body.*`` (the classifier's own layout); FCN-Ns: ``fc6.conv.*``, ``fc7.conv.*``,
-``score.{0,1,2}.*`` (fc7, pool4, pool3), ``upscore_skips.{0,1}.weight`` (the 2x), ``upscore.weight``;
-``fcn``: ``head.block.conv.weight``, ``head.block.norm.*``, ``head.classifier.*``, ``aux_head.*``.
+state_dict keys: ``encoder.body.*`` (the classifier's own layout); FCN-Ns: ``fc6.conv.*``, ``fc7.conv.*``, and
+under ``head.`` every layer whose shape depends on the class count (``head_name = "head"``: what a checkpoint for
+other classes leaves out): ``head.score.{0,1,2}.*`` (fc7, pool4, pool3), ``head.upscore_skips.{0,1}.weight``
+(the 2x), ``head.upscore.weight`` (checkpoints with these keys at the top level, before they moved under
+``head.``, still load); ``fcn``: ``head.block.conv.weight``, ``head.block.norm.*``, ``head.classifier.*``,
+``aux_head.*``.
 """
 from __future__ import annotations
 
@@ -50,9 +53,9 @@ from cnnlab.models.catalog import StateDict
 from cnnlab.models.registry import Family, register_model
 from cnnlab.segmentation.encoder import Encoder, _StopForward, build_encoder, find_stage, stage_table
 
-__all__ = ["FCN", "FCNConfig", "FCNHead", "SimpleSegmentationModel", "BilinearUpsample", "bilinear_kernel",
-           "coordinate_maps", "check_num_classes", "fcn32s", "fcn16s", "fcn8s", "fcn", "fcn_resnet50",
-           "from_torchvision", "FCN_FAMILY"]
+__all__ = ["FCN", "FCNConfig", "FCNHead", "SkipScoreHead", "SimpleSegmentationModel", "BilinearUpsample",
+           "bilinear_kernel", "coordinate_maps", "check_num_classes", "load_fc_as_conv", "classifier_state_dict",
+           "fcn32s", "fcn16s", "fcn8s", "fcn", "fcn_resnet50", "from_torchvision", "FCN_FAMILY"]
 
 FCN_FAMILY = Family("FCN", "Long, Shelhamer & Darrell, Fully Convolutional Networks for Semantic Segmentation "
                     "(CVPR 2015)", 2015, "https://arxiv.org/abs/1411.4038")
@@ -186,6 +189,47 @@ def _crop_offset(value: float, what: str, model: str) -> int:
     return int(value)
 
 
+class SkipScoreHead(nn.Module):
+    """The class-dependent part of FCN-32s/16s/8s: 1x1 score layers on fc7 and on each skip's stage, the 2x
+    up-samplings that fuse them (deepest first), the final up-sampling and its crop to the input size.
+
+    Args:
+        channels: fc7's width, then the skips' stages' channels, deepest first (pool4, pool3).
+        num_classes: classes with the background.
+        final_factor: the final up-sampling's factor (the stride of the shallowest map fused).
+        skip_offsets, final_offset: the crops that align the maps (:meth:`FCN._offsets`).
+        learnable_skips, learnable_final: as :class:`FCNConfig`.
+    """
+
+    def __init__(self, channels: Sequence[int], num_classes: int, final_factor: int, skip_offsets: Sequence[int],
+                 final_offset: int, *, learnable_skips: bool = True, learnable_final: bool = False) -> None:
+        super().__init__()
+        self.score = nn.ModuleList([nn.Conv2d(c, num_classes, 1) for c in channels])
+        self.upscore_skips = nn.ModuleList(BilinearUpsample(num_classes, 2, learnable_skips) for _ in channels[1:])
+        self.upscore = BilinearUpsample(num_classes, final_factor, learnable_final)
+        self.skip_offsets, self.final_offset = list(skip_offsets), final_offset
+        for conv in self.score:  # the paper zero-initialises the score layers (§4.3)
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x: Tensor, skips: Sequence[Tensor], size: Sequence[int]) -> Tensor:
+        """fc7's map and the skips' maps (deepest first) -> logits cropped to ``size``."""
+        y = self.score[0](x)
+        for up, score, offset, skip in zip(self.upscore_skips, self.score[1:], self.skip_offsets, skips):
+            y = up(y)
+            y = y + _crop(score(skip), offset, y.shape[-2:])
+        return _crop(self.upscore(y), self.final_offset, size)
+
+
+_HEAD_KEYS = re.compile(r"^(score|upscore_skips|upscore)\.")  # where the head's layers were before they moved
+
+
+def _moved_head_keys(state_dict: StateDict, prefix: str = "") -> StateDict:
+    """A checkpoint of the FCN-Ns from before the class-dependent layers moved under ``head.``, renamed."""
+    return {(prefix + "head." + k[len(prefix):] if k.startswith(prefix) and _HEAD_KEYS.match(k[len(prefix):])
+             else k): v for k, v in state_dict.items()}
+
+
 class FCN(nn.Module):
     """FCN-32s/16s/8s: fc6/fc7 as convs on the deepest stage, score layers, skip fusion, bilinear up-sampling.
 
@@ -196,7 +240,7 @@ class FCN(nn.Module):
         model: the name used in errors.
     """
 
-    head_name = "score"
+    head_name = "head"  # every layer whose shape depends on the class count: score layers and up-samplings
 
     def __init__(self, encoder: Encoder, num_classes: int, config: FCNConfig, model: str = "fcn") -> None:
         super().__init__()
@@ -205,23 +249,22 @@ class FCN(nn.Module):
             for m in encoder.body.modules():
                 if isinstance(m, nn.MaxPool2d):
                     m.ceil_mode = True
-        skip_channels = list(reversed(encoder.channels[:-1]))  # the skips' stages deepest first (pool4, pool3)
-        final_factor = encoder.strides[0] if skip_channels else encoder.strides[-1]
-        self._offsets(final_factor, model)  # first: a backbone that does not fit fails before the big layers
+        self.skip_channels = list(reversed(encoder.channels[:-1]))  # the skips' stages deepest first (pool4, pool3)
+        self.final_factor = encoder.strides[0] if self.skip_channels else encoder.strides[-1]
+        self._offsets(self.final_factor, model)  # first: a backbone that does not fit fails before the big layers
         deepest = encoder.channels[-1]
         # fc6, fc7 as convolutions (§3.1): no padding, as the paper's (the input padding makes room)
         self.fc6 = ConvNormAct(deepest, config.fc_channels, config.fc_kernel, padding=0, norm_layer=None)
         self.drop6 = nn.Dropout(config.drop_rate)
         self.fc7 = ConvNormAct(config.fc_channels, config.fc_channels, 1, padding=0, norm_layer=None)
         self.drop7 = nn.Dropout(config.drop_rate)
-        # score layers: fc7, then the skips' stages deepest first
-        self.score = nn.ModuleList([nn.Conv2d(c, num_classes, 1) for c in [config.fc_channels] + skip_channels])
-        self.upscore_skips = nn.ModuleList(BilinearUpsample(num_classes, 2, config.learnable_skips)
-                                           for _ in skip_channels)
-        self.upscore = BilinearUpsample(num_classes, final_factor, config.learnable_final)
-        for conv in self.score:  # the paper zero-initialises the score layers (§4.3)
-            nn.init.zeros_(conv.weight)
-            nn.init.zeros_(conv.bias)
+        self.head = self._head(num_classes)
+        self.register_load_state_dict_pre_hook(_rename_moved_head_keys)
+
+    def _head(self, num_classes: int) -> SkipScoreHead:
+        return SkipScoreHead([self.config.fc_channels, *self.skip_channels], num_classes, self.final_factor,
+                             self.skip_offsets, self.final_offset, learnable_skips=self.config.learnable_skips,
+                             learnable_final=self.config.learnable_final)
 
     def _offsets(self, factor: int, model: str) -> None:
         """The crops that align each skip's scores with the up-sampled ones, and the final crop (Caffe's 5, 9, 31)."""
@@ -244,45 +287,56 @@ class FCN(nn.Module):
         p = self.config.input_padding
         features = self.encoder(F.pad(x, (p, p, p, p)))  # zeros, as Caffe's conv1_1 padding
         y = self.drop7(self.fc7(self.drop6(self.fc6(features[-1]))))
-        y = self.score[0](y)
-        for up, score, offset, skip in zip(self.upscore_skips, self.score[1:], self.skip_offsets,
-                                           reversed(features[:-1])):
-            y = up(y)
-            y = y + _crop(score(skip), offset, y.shape[-2:])
-        return _crop(self.upscore(y), self.final_offset, size)
+        return self.head(y, features[-2::-1], size)  # score, fuse the skips deepest first, up-sample
 
     def load_classifier_fc(self, state_dict: StateDict, prefix: str = "head.") -> list[str]:
-        """The classifier's fc6 and fc7 as this FCN's convolutions (the paper's "convolutionalization", §3.1).
-
-        ``state_dict`` is a cnnlab VGG's (``head.fc6.weight`` of shape (4096, 512 * 7 * 7) ...): each row of a fully
-        connected layer over a (C, k, k) map is a k x k conv filter. Returns the keys loaded.
-        """
-        loaded = []
-        for fc, conv in (("fc6", self.fc6.conv), ("fc7", self.fc7.conv)):
-            weight, bias = state_dict.get(f"{prefix}{fc}.weight"), state_dict.get(f"{prefix}{fc}.bias")
-            if weight is None or bias is None:
-                continue
-            if weight.numel() != conv.weight.numel() or bias.shape != conv.bias.shape:
-                raise CnnlabError(f"the classifier's {fc} {tuple(weight.shape)} does not fit this FCN's {fc} conv "
-                                  f"{tuple(conv.weight.shape)}; fc_channels and fc_kernel must match the classifier")
-            with torch.no_grad():
-                conv.weight.copy_(weight.reshape(conv.weight.shape))  # (out, C*k*k) -> (out, C, k, k): same order
-                conv.bias.copy_(bias)
-            loaded += [f"{prefix}{fc}.weight", f"{prefix}{fc}.bias"]
-        return loaded
+        """The classifier's fc6 and fc7 as this FCN's convolutions (:func:`load_fc_as_conv`); the keys loaded."""
+        return load_fc_as_conv({"fc6": self.fc6.conv, "fc7": self.fc7.conv}, state_dict, prefix, model="FCN")
 
     def reset_classifier(self, num_classes: int) -> None:
-        """Fresh score layers and up-samplings for ``num_classes`` (fine-tuning on other classes)."""
-        device = self.score[0].weight.device
-        score = nn.ModuleList(nn.Conv2d(c.in_channels, num_classes, 1) for c in self.score)
-        for conv in score:
-            nn.init.zeros_(conv.weight)
-            nn.init.zeros_(conv.bias)
-        self.score = score.to(device)
-        self.upscore_skips = nn.ModuleList(BilinearUpsample(num_classes, 2, self.config.learnable_skips)
-                                           for _ in self.upscore_skips).to(device)
-        self.upscore = BilinearUpsample(num_classes, self.upscore.factor, self.config.learnable_final).to(device)
+        """A fresh head (score layers and up-samplings, all that depends on the class count) for ``num_classes``."""
+        self.head = self._head(num_classes).to(self.head.upscore.weight.device)
         self.num_classes = num_classes
+
+    def filter_state_dict(self, state_dict: StateDict) -> StateDict:
+        """``cnnlab.load_weights``: a checkpoint from before the head's layers moved under ``head.``, renamed."""
+        return _moved_head_keys(state_dict)
+
+
+def _rename_moved_head_keys(module: nn.Module, state_dict: StateDict, prefix: str, *_: Any) -> None:
+    """``load_state_dict`` pre-hook of :class:`FCN`: old checkpoints' top-level head keys moved under ``head.``."""
+    renamed = _moved_head_keys(state_dict, prefix)
+    if renamed.keys() != state_dict.keys():
+        state_dict.clear()
+        state_dict.update(renamed)
+
+
+def load_fc_as_conv(convs: dict[str, nn.Conv2d], state_dict: StateDict, prefix: str = "head.",
+                    model: str = "the network") -> list[str]:
+    """A classifier's fully connected layers as convolutions (Long et al.'s "convolutionalization", §3.1).
+
+    ``convs`` maps the classifier's layer names to the convs that take them (``{"fc6": ..., "fc7": ...}``);
+    ``state_dict`` is a cnnlab VGG's (``head.fc6.weight`` of shape (4096, 512 * 7 * 7) ...): each row of a fully
+    connected layer over a (C, k, k) map is a k x k conv filter. A conv without a bias (a norm layer follows it,
+    DeconvNet's) takes the weight only: the norm's mean subtraction removes a constant per channel. Layers the
+    state_dict lacks are left as they are. Returns the keys loaded.
+    """
+    loaded = []
+    for fc, conv in convs.items():
+        weight, bias = state_dict.get(f"{prefix}{fc}.weight"), state_dict.get(f"{prefix}{fc}.bias")
+        if weight is None:
+            continue
+        if weight.numel() != conv.weight.numel() or (conv.bias is not None and bias is not None
+                                                     and bias.shape != conv.bias.shape):
+            raise CnnlabError(f"the classifier's {fc} {tuple(weight.shape)} does not fit {model}'s {fc} conv "
+                              f"{tuple(conv.weight.shape)}; fc_channels and fc_kernel must match the classifier")
+        with torch.no_grad():
+            conv.weight.copy_(weight.reshape(conv.weight.shape))  # (out, C*k*k) -> (out, C, k, k): same order
+            loaded.append(f"{prefix}{fc}.weight")
+            if conv.bias is not None and bias is not None:
+                conv.bias.copy_(bias)
+                loaded.append(f"{prefix}{fc}.bias")
+    return loaded
 
 
 def _crop(x: Tensor, offset: int, size: Sequence[int]) -> Tensor:
@@ -313,12 +367,12 @@ def _skip_fcn(name: str, skip_strides: tuple[int, ...], *, backbone: str, num_cl
                             norm_layer=norm_layer)
     model = FCN(encoder, num_classes, config, model=name)
     if backbone_weights is not None:  # the classifier's fc6/fc7 too, as the paper initialises them
-        model.load_classifier_fc(_classifier_state_dict(backbone_weights))
+        model.load_classifier_fc(classifier_state_dict(backbone_weights))
     model.model_name = name
     return model
 
 
-def _classifier_state_dict(weights: str | os.PathLike) -> StateDict:
+def classifier_state_dict(weights: str | os.PathLike) -> StateDict:
     """The state_dict of a cnnlab classification run folder or a weights file."""
     from pathlib import Path
 

@@ -210,7 +210,8 @@ class SegmentationTask(Task):
         return _SegmentationMeter(device, self.num_classes, self.ignore_index)
 
     def expected_initial_loss(self, data) -> float | None:
-        # uniform logits: ln K per pixel (a model with an auxiliary head adds aux_weight x as much)
+        # uniform logits: ln K per pixel; `cnnlab check` takes the loss of uniform logits from every head through
+        # self.loss, so an auxiliary head adds aux_weight x as much
         return math.log(data.num_classes) if self.loss_name == "ce" else None
 
     # ---- evaluation ---------------------------------------------------------------------------------
@@ -345,7 +346,16 @@ def _display_images(x: torch.Tensor, preprocess: Any) -> torch.Tensor:
 def plot_segmentations(path: Path, model: nn.Module, batches: Any, data: Any, split: str,
                        count: int = DRAWN_IMAGES) -> Path | None:
     """Three rows for the first ``count`` images of ``batches``: the image, the true mask over it, the predicted one."""
-    from cnnlab._plot import pyplot, save_figure
+    from cnnlab._plot import save_figure
+
+    fig = segmentations_figure(model, batches, data, split, count)
+    return None if fig is None else save_figure(fig, path)
+
+
+@torch.no_grad()
+def segmentations_figure(model: nn.Module, batches: Any, data: Any, split: str, count: int = DRAWN_IMAGES):
+    """The figure of :func:`plot_segmentations` (None when ``batches`` is empty)."""
+    from cnnlab._plot import pyplot
 
     images, masks = [], []
     for x, y in _chunks(batches, count):
@@ -385,9 +395,10 @@ def plot_segmentations(path: Path, model: nn.Module, batches: Any, data: Any, sp
                      else "ignored") for c in seen if c != 0]
     if handles:
         fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
-    fig.suptitle(f"{split} images: true and predicted masks (background not painted)")
+    # wrap=True breaks the title into lines that fit the figure: one image column is narrower than the title
+    fig.suptitle(f"{split} images: true and predicted masks (background not painted)", wrap=True)
     fig.tight_layout(rect=(0, 0, 1 - 1.5 / (1.7 * n + 1.6), 1))
-    return save_figure(fig, path)
+    return fig
 
 
 def plot_class_iou(path: Path, found: Mapping[str, Any], classes: Sequence[str]) -> Path:
