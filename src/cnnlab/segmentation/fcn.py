@@ -454,6 +454,7 @@ class SimpleSegmentationModel(nn.Module):
     """
 
     head_name = "head.classifier"
+    head_names = ("head.classifier", "aux_head.classifier")  # the class-dependent layers (fine-tuning to new classes)
 
     def __init__(self, encoder: Encoder, head: nn.Module, aux_head: nn.Module | None = None,
                  align_corners: bool = False) -> None:

@@ -107,6 +107,7 @@ class PSPNet(nn.Module):
     """
 
     head_name = "head"
+    head_names = ("head", "aux_head.classifier")  # the class-dependent layers (fine-tuning to new classes)
     aux_loss_weight = 0.4  # Zhao et al. 2017, Sec. 3.3: "the weight of the auxiliary loss ... 0.4"
 
     def __init__(self, encoder: nn.Module, num_classes: int, config: PSPNetConfig = PAPER,

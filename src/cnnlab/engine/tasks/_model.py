@@ -10,14 +10,15 @@ from cnnlab._errors import CnnlabError
 
 
 def load_model_weights(model: nn.Module, weights: Any, name: str, default_head: str) -> None:
-    """``model.weights=FILE`` into ``model``: every tensor must fit but the head's (``model.head_name``), which
-    may differ in size when the number of classes changed (fine-tuning on new classes)."""
+    """``model.weights=FILE`` into ``model``: every tensor must fit but the heads' (``model.head_names``, else
+    ``model.head_name``: a segmenter's auxiliary classifier is class-dependent too), which may differ in size when
+    the number of classes changed (fine-tuning on new classes)."""
     from cnnlab.models import load_weights
 
     result = load_weights(model, weights, strict=False)
-    head = getattr(model, "head_name", default_head)
+    heads = tuple(getattr(model, "head_names", None) or (getattr(model, "head_name", default_head),))
     bad = [k for k in result.missing + result.unexpected + [m.split(":")[0] for m in result.mismatched]
-           if not (k == head or k.startswith(head + "."))]
+           if not any(k == head or k.startswith(head + ".") for head in heads)]
     if bad:
         raise CnnlabError(f"model.weights={weights} does not fit {name}: {', '.join(bad[:8])}"
                           + (" ..." if len(bad) > 8 else ""))
