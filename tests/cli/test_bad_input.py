@@ -10,19 +10,13 @@ import torch
 
 from cnnlab._errors import CnnlabError
 from cnnlab.cli.main import main
-from tests.engine._tiny import register_tiny
+from tests.engine._tiny import register_tiny, train_tiny_run
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """One trained tiny run (1 epoch) shared by the tests that need a run folder."""
-    out = tmp_path_factory.mktemp("runs")
-    with pytest.MonkeyPatch.context() as mp:
-        register_tiny(mp)
-        assert main(["train", "--model", "fmnist_net", "--data", "tiny", "--epochs", "1", "--batch-size", "32",
-                     "--out-dir", str(out), "--name", "r", "--quiet", "--set", "threads=1",
-                     "--set", "plots=false"]) == 0
-    return out / "r"
+    return train_tiny_run(tmp_path_factory.mktemp("runs"), "plots=false")
 
 
 def _error(capsys, argv: list[str]) -> str:

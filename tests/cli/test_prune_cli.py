@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import hashlib
 import json
 from html.parser import HTMLParser
 
@@ -15,27 +14,18 @@ import cnnlab
 from cnnlab.cli.main import main
 from cnnlab.compress.prune import rebuild_pruned
 from cnnlab.engine.runs import load_run
-from tests.engine._tiny import register_tiny
+from tests.cli.test_source_run_untouched import snapshot
+from tests.engine._tiny import register_tiny, train_tiny_run
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    with pytest.MonkeyPatch.context() as mp:
-        register_tiny(mp)
-        assert main(["train", "--model", "fmnist_net", "--data", "tiny", "--epochs", "1", "--batch-size", "32",
-                     "--out-dir", str(out), "--name", "r", "--quiet", "--set", "threads=1",
-                     "--set", "plots=false"]) == 0
-    return out / "r"
+    return train_tiny_run(tmp_path_factory.mktemp("runs"), "plots=false")
 
 
 @pytest.fixture(autouse=True)
 def _tiny(monkeypatch):
     register_tiny(monkeypatch)
-
-
-def _digest(folder) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def _rows(path) -> list[dict]:
@@ -92,11 +82,11 @@ def _expected_cells(row: dict) -> list[str]:
 
 
 def test_unstructured_curve_with_finetuning_leaves_the_source_run_alone(run_dir, tmp_path, capsys):
-    before = _digest(run_dir)
+    before = snapshot(run_dir)
     out = tmp_path / "pruned"
     assert main(["prune", str(run_dir), "--amount", "0.25,0.5", "--steps", "2", "--finetune-epochs", "1",
                  "--out", str(out), "--quiet", "--device", "cpu"]) == 0
-    assert _digest(run_dir) == before
+    assert snapshot(run_dir) == before
     rows = _rows(out / "prune.csv")
     assert [float(r["amount"]) for r in rows] == [0.25, 0.5]
     assert (out / "sparsity_accuracy.png").stat().st_size > 0

@@ -8,19 +8,13 @@ import os
 import pytest
 
 from cnnlab.cli.main import main
-from tests.engine._tiny import register_tiny
+from tests.engine._tiny import register_tiny, train_tiny_run
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A finished 1-epoch run with a validation split and its plots and report (every kind of file a run has)."""
-    out = tmp_path_factory.mktemp("runs")
-    with pytest.MonkeyPatch.context() as mp:
-        register_tiny(mp)
-        assert main(["train", "--model", "fmnist_net", "--data", "tiny", "--epochs", "1", "--batch-size", "32",
-                     "--out-dir", str(out), "--name", "r", "--quiet", "--set", "threads=1",
-                     "--set", "data.val_fraction=0.2"]) == 0
-    return out / "r"
+    return train_tiny_run(tmp_path_factory.mktemp("runs"), "data.val_fraction=0.2")
 
 
 @pytest.fixture(autouse=True)

@@ -31,3 +31,20 @@ def tiny_config(tmp_path, name="run", epochs=2, **optim):
     return TrainConfig(model=ModelConfig(name="fmnist_net"), data=DataConfig(name="tiny", batch_size=16, flip=True, crop_padding=1),
                        optim=OptimConfig(lr=0.05, **optim), epochs=epochs, out_dir=str(tmp_path), name=name, quiet=True,
                        plots=False, device="cpu", threads=1)
+
+
+def train_tiny_run(out, *sets: str, name: str = "r"):
+    """A finished 1-epoch `cnnlab train` of fmnist_net on the tiny data in ``out``; returns its run folder.
+    ``sets`` are extra TrainConfig overrides (``"plots=false"``, ``"data.val_fraction=0.2"``)."""
+    import pytest
+
+    from cnnlab.cli.main import main  # the CLI, as a user runs it (tests may import it; the library never does)
+
+    with pytest.MonkeyPatch.context() as mp:
+        register_tiny(mp)
+        argv = ["train", "--model", "fmnist_net", "--data", "tiny", "--epochs", "1", "--batch-size", "32",
+                "--out-dir", str(out), "--name", name, "--quiet", "--set", "threads=1"]
+        for s in sets:
+            argv += ["--set", s]
+        assert main(argv) == 0
+    return out / name

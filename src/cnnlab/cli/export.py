@@ -141,13 +141,10 @@ def _calibration(args: argparse.Namespace, input_size, metadata):
     is_run = "cnnlab.checkpoint" in metadata  # _load marks a run folder's metadata
     n, bs = args.calibration_batches, 32
     if args.calibration is None and is_run:
-        from cnnlab.compress.quantize import _images, _take
-        from cnnlab.data.bundle import build_data
+        from cnnlab.compress.quantize import _images, _take, run_data
         from cnnlab.engine.runs import load_run
 
-        run = load_run(args.source, args.checkpoint)
-        data = build_data(run.config.data, torch.device("cpu"), seed=run.config.seed, in_channels=run.input_shape[0])
-        data.train.transform = None  # no augmentation
+        data = run_data(load_run(args.source, args.checkpoint))
         cal = list(_take(_images(data.train, bs, data), n))
         xs, ys = [], []
         for x, y in data.test:

@@ -206,24 +206,28 @@ def quantize_pt2e(model: nn.Module, calibration: Any, *, input_size: Any = None,
     return _Lowered(converted) if lower else converted
 
 
-def calibration_batches(run: Any, n_batches: int = 8, batch_size: int = 32, *, seed: int = 0) -> list[torch.Tensor]:
+def calibration_batches(run: Any, n_batches: int = 8, batch_size: int = 32) -> list[torch.Tensor]:
     """``n_batches`` batches of ``batch_size`` images from the training split of a run folder (a path or a
     :class:`cnnlab.engine.runs.LoadedRun`), normalised as in training and not augmented, on the CPU."""
+    if n_batches < 1 or batch_size < 1:
+        raise CnnlabError(f"calibration: n_batches and batch_size must be >= 1, got {n_batches} and {batch_size}")
+    data = run_data(run)
+    return list(_take(_images(data.train, batch_size, data), n_batches))
+
+
+def run_data(run: Any) -> Any:
+    """The data of a classification run (a path or a LoadedRun) as it was split and normalised for training, on
+    the CPU, with the training split's augmentation off: what the model sees at test time."""
     from cnnlab.data.bundle import build_data
     from cnnlab.engine.runs import LoadedRun, load_run
 
-    if n_batches < 1 or batch_size < 1:
-        raise CnnlabError(f"calibration: n_batches and batch_size must be >= 1, got {n_batches} and {batch_size}")
     if not isinstance(run, LoadedRun):
         run = load_run(run)
     if run.task != "classification":
-        raise CnnlabError(f"calibration_batches takes a classification run; this one is a {run.task} run")
-    config = run.config.data
-    config.val_fraction = run.config.data.val_fraction  # the run's own split: the normalisation is the run's
-    data = build_data(config, torch.device("cpu"), seed=run.config.seed, in_channels=run.input_shape[0])
-    train = data.train
-    train.transform = None  # no augmentation: calibrate on what the model sees at test time
-    return list(_take(_images(train, batch_size, data), n_batches))
+        raise CnnlabError(f"int8 calibration takes a classification run; this one is a {run.task} run")
+    data = build_data(run.config.data, torch.device("cpu"), seed=run.config.seed, in_channels=run.input_shape[0])
+    data.train.transform = None
+    return data
 
 
 def _images(loader: Any, batch_size: int, data: Any) -> Iterator[torch.Tensor]:
