@@ -159,3 +159,24 @@ def test_calibration_batches_from_a_run_without_augmentation(tmp_path, monkeypat
     assert abs(float(flat.mean())) < 1.0 and float(flat.std()) > 0.3
     with pytest.raises(CnnlabError, match="n_batches and batch_size must be >= 1"):
         calibration_batches(tmp_path / "run", n_batches=0)
+
+
+@pytest.mark.parametrize("saturates", [True, False])
+def test_reduce_range_follows_the_cpu_unless_given(fmnist_files, tmp_path, monkeypatch, saturates):
+    """7-bit weights where the CPU has no VNNI (8-bit ones can saturate ORT's int16 pair sums there), noted; the file
+    still runs with its int8 kernels within a few steps of its own QDQ arithmetic."""
+    import cnnlab._platform
+
+    model, d, _, cal = fmnist_files
+    monkeypatch.setattr(cnnlab._platform, "int8_may_saturate", lambda: saturates)
+    r = quantize_onnx(d / "fp32.onnx", tmp_path / "auto.onnx", cal)
+    assert any("reduce_range" in n for n in r.notes) == saturates
+    forced = quantize_onnx(d / "fp32.onnx", tmp_path / "forced.onnx", cal, reduce_range=not saturates)
+    assert not any("reduce_range" in n for n in forced.notes)  # given, not chosen: nothing to explain
+    x = torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    for path, seven_bit in ((tmp_path / "auto.onnx", saturates), (tmp_path / "forced.onnx", not saturates)):
+        got = _run(path, x)
+        assert np.abs(got - _run(path, x, optimised=False)).max() <= 4 * _output_scale(path)
+        w = [onnx.numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer if t.data_type == 3]
+        largest = max(int(np.abs(a.astype(np.int32)).max()) for a in w)  # int8 weights: 7-bit range is +-64
+        assert (largest <= 64) == seven_bit

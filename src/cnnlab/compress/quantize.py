@@ -87,7 +87,7 @@ def _check_shape(batches: list[torch.Tensor], expected: list[Any], name: str = "
 
 
 def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, calibration: Any, *, per_channel: bool = True,
-                  overwrite: bool = False, method: str = "minmax") -> QuantResult:
+                  overwrite: bool = False, method: str = "minmax", reduce_range: bool | None = None) -> QuantResult:
     """Quantise the fp32 ONNX file ``src`` to an int8 QDQ file ``dst``, calibrated on ``calibration``.
 
     Args:
@@ -97,6 +97,9 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, calibration: A
             normalised as the model's input; its C, H, W must match the model's.
         per_channel: one weight scale per output channel (else per tensor).
         method: ``minmax``, ``percentile`` (99.999th) or ``entropy`` calibration of the activation ranges.
+        reduce_range: 7-bit weights, which ONNX Runtime's docs advise on x86 CPUs without VNNI (their u8 x s8
+            kernels add pairs of products in int16 and 8-bit weights can saturate it); None: on when this CPU
+            lacks VNNI (:func:`cnnlab._platform.int8_may_saturate`), noted in the result.
     """
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
@@ -138,6 +141,13 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, calibration: A
                "entropy": CalibrationMethod.Entropy}
     notes = [f"weights int8 {'per channel' if per_channel else 'per tensor'}, activations uint8, "
              f"{method} calibration, QDQ format (onnxruntime quantize_static after quant_pre_process)"]
+    if reduce_range is None:
+        from cnnlab._platform import int8_may_saturate
+
+        reduce_range = int8_may_saturate()
+        if reduce_range:
+            notes.append("7-bit weights (reduce_range): this CPU has no VNNI, whose absence lets 8-bit weights "
+                         "saturate ONNX Runtime's int16 pair sums")
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.name}.") as tmp_dir:
         pre = Path(tmp_dir) / "pre.onnx"
         tmp = Path(tmp_dir) / dst.name
@@ -150,7 +160,7 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, calibration: A
         try:
             quantize_static(str(pre), str(tmp), _Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=methods[method])
+                            calibrate_method=methods[method], reduce_range=reduce_range)
         except Exception as e:  # noqa: BLE001 - ORT raises plain exceptions; say which step failed
             raise CnnlabError(f"onnxruntime quantize_static failed on {src}: {type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}") from e
