@@ -11,8 +11,8 @@ eat the budget (the engine's budget includes evaluation); mIoU is the engine's d
 canvases (``SegmentationMetrics``: one confusion matrix over the subset, absent classes excluded).
 
 ``unet_bilinear`` is the small padded U-Net with each 2x2 stride-2 up-conv replaced by bilinear x2 + a 1x1 conv to
-the same width (same decoder otherwise; the U-Net builder has no such option, so it is swapped in here and the
-module is handed to ``train(model=...)``): the bilinear-vs-transposed comparison of docs/upsampling.md.
+the same width (``unet(up="bilinear")``, same decoder otherwise): the bilinear-vs-transposed comparison of
+docs/upsampling.md.
 """
 from __future__ import annotations
 
@@ -48,33 +48,15 @@ VARIANTS: dict[str, tuple[str, dict, str]] = {
     "deeplabv3": ("deeplabv3", {"backbone": "resnet18", "output_stride": 16}, "ResNet-18, OS 16"),
     "deeplabv3_resnet50": ("deeplabv3_resnet50", {}, "torchvision layout (ResNet-50, OS 8)"),
     "deeplabv3plus": ("deeplabv3plus", {"backbone": "resnet18"}, "ResNet-18, OS 16"),
-    "unet_bilinear": ("unet", SMALL_UNET, "small padded U-Net, up-convs -> bilinear x2 + 1x1 conv"),
+    "unet_bilinear": ("unet", {**SMALL_UNET, "up": "bilinear"}, "small padded U-Net, up-convs -> bilinear x2 + 1x1 conv"),
 }
-
-
-class BilinearUp(nn.Module):
-    """Resize-then-conv in place of a 2x2 stride-2 ConvTranspose2d: bilinear x2 (no parameters), 1x1 conv."""
-
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__()
-        self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
-        self.conv = nn.Conv2d(in_channels, out_channels, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(self.up(x))
 
 
 def build(key: str) -> nn.Module:
     from cnnlab import create_model
 
     name, options, _ = VARIANTS[key]
-    model = create_model(name, num_classes=NUM_CLASSES, in_channels=1, **options)
-    if key == "unet_bilinear":
-        for mod in list(model.modules()):
-            up = getattr(mod, "up", None)
-            if isinstance(up, nn.ConvTranspose2d):
-                mod.up = BilinearUp(up.in_channels, up.out_channels)
-    return model
+    return create_model(name, num_classes=NUM_CLASSES, in_channels=1, **options)
 
 
 def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -117,7 +99,7 @@ def _subset_bundle(config, seed: int, n_val: int, n_test: int):
 
 
 def train_one(key: str, seconds: float, args: argparse.Namespace) -> dict:
-    from cnnlab.engine import DataConfig, ModelConfig, OptimConfig, TrainConfig, train
+    from cnnlab.engine import DataConfig, ModelConfig, OptimConfig, TrainConfig, apply_overrides, train
 
     name, options, why = VARIANTS[key]
     config = TrainConfig(
@@ -126,9 +108,11 @@ def train_one(key: str, seconds: float, args: argparse.Namespace) -> dict:
         optim=OptimConfig(optimizer="adamw", lr=args.lr), epochs=100, device="cpu", amp="bf16",
         threads=args.threads, time_budget=seconds, out_dir=args.out_dir, name=f"{key}-{int(seconds)}s",
         plots=False, quiet=True)
+    if args.set:
+        apply_overrides(config, args.set)  # model.options.backbone_weights=RUN and the like
     bundle = _subset_bundle(config.data, config.seed, args.val, args.test)
     t0 = time.perf_counter()
-    res = train(config, data=bundle, model=build(key) if key == "unet_bilinear" else None)
+    res = train(config, data=bundle)
     m = res.test.metrics
     epochs = res.history[-1].get("epoch") if res.history else None
     return {"variant": key, "why": why, "seconds": seconds, "wall_s": round(time.perf_counter() - t0, 1),
@@ -150,6 +134,8 @@ def main() -> None:
     p.add_argument("--test", type=int, default=500)
     p.add_argument("--out-dir", default="runs/bench_segmentation")
     p.add_argument("--json", default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a TrainConfig override for train (repeatable), e.g. model.options.backbone_weights=RUN")
     args = p.parse_args()
     keys = args.only or list(VARIANTS)
     header = {"cpu": cpu_name(), "flags": cpu_flags(), "threads": args.threads, "torch": torch.__version__}

@@ -111,6 +111,32 @@ def test_same_padding_takes_any_size_and_trains():
     assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.parametrize("padding,size", [("same", (33, 40)), ("valid", (20, 24))])
+def test_bilinear_up_replaces_each_up_conv_with_the_same_shapes_and_macs(padding, size):
+    kw = dict(channels=(4, 8, 16), in_channels=1, num_classes=3, padding=padding)
+    torch.manual_seed(0)
+    paper, bilinear = cnnlab.create_model("unet", **kw), cnnlab.create_model("unet", up="bilinear", **kw)
+    ups = [level.up for level in bilinear.decoder]
+    assert all(isinstance(level.up, nn.ConvTranspose2d) for level in paper.decoder)
+    assert [(u[0].mode, u[0].scale_factor, u[1].kernel_size) for u in ups] == [("bilinear", 2.0, (1, 1))] * 2
+    # a 2x2 kernel has 4 taps per (in, out) pair, a 1x1 conv one: 3/4 of the up-convs' weights go
+    up_weights = sum(level.up.weight.numel() for level in paper.decoder)
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(paper) - n(bilinear) == up_weights * 3 // 4
+    x = torch.randn(2, 1, *size)
+    out = bilinear(x)
+    assert out.shape == paper(x).shape == (2, 3, *size)
+    # one tap per input channel per output pixel either way: the MACs are equal
+    assert cnnlab.summary(paper, (1, *size)).totals.macs == cnnlab.summary(bilinear, (1, *size)).totals.macs
+    # no checkerboard: on a flat input the bilinear path's first up-sampled map is flat away from the border
+    flat = ups[0](torch.ones(1, 16, 6, 6))[..., 2:-2, 2:-2]
+    torch.testing.assert_close(flat, flat[..., :1, :1].expand_as(flat))
+    with pytest.raises(CnnlabError, match="up must be 'transposed'.*or 'bilinear'.*got 'nearest'"):
+        unet(up="nearest")
+    with pytest.raises(CnnlabError, match="stages/channels/up are options of the paper's network"):
+        unet(backbone="resnet18", up="bilinear")
+
+
 @pytest.mark.parametrize("backbone,size", [("resnet34", (64, 96)), ("resnet18", (70, 90))])
 def test_resnet_unet_takes_smp_weights_and_gives_the_same_logits(backbone, size):
     torch.manual_seed(0)
@@ -135,7 +161,7 @@ def test_backbone_options_are_checked():
         unet(backbone="resnet18", encoder_depth=6)
     with pytest.raises(CnnlabError, match="decoder_channels=.* has 3 blocks but the encoder returns 5"):
         unet(backbone="resnet18", decoder_channels=(64, 32, 16))
-    with pytest.raises(CnnlabError, match="padding='valid'/stages/channels are options of the paper's network"):
+    with pytest.raises(CnnlabError, match="padding='valid'/stages/channels/up are options of the paper's network"):
         unet(backbone="resnet18", padding="valid")
     with pytest.raises(CnnlabError, match="encoder_depth apply to the encoder-decoder on a backbone"):
         unet(encoder_depth=4)

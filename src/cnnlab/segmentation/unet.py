@@ -140,14 +140,34 @@ class DoubleConv(nn.Sequential):
         self.conv2 = ConvNormAct(out_channels, out_channels, 3, padding=padding, norm_layer=norm_layer, act_layer=act_layer)
 
 
+UP_MODES = ("transposed", "bilinear")
+
+
+class BilinearUp(nn.Sequential):
+    """Resize-then-conv (Odena et al. 2016): bilinear x2 (no parameters), then a 1x1 conv to ``out_channels``.
+
+    The same output shape and MACs as the paper's 2x2 stride-2 up-conv (each output pixel sees one tap per input
+    channel either way) with a quarter of its weights, and no checkerboard pattern at initialisation.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                         nn.Conv2d(in_channels, out_channels, 1))
+
+
 class UpLevel(nn.Module):
-    """Expanding-path level: 2x2 up-conv halving the channels, ``cat([skip, up])``, two 3x3 convs."""
+    """Expanding-path level: x2 up-sampling halving the channels, ``cat([skip, up])``, two 3x3 convs.
+
+    ``up="transposed"`` is the paper's 2x2 "up-convolution"; ``"bilinear"`` is :class:`BilinearUp`.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, padding: int,
-                 norm_layer: Callable[[int], nn.Module] | None, act_layer: Callable[..., nn.Module]) -> None:
+                 norm_layer: Callable[[int], nn.Module] | None, act_layer: Callable[..., nn.Module],
+                 up: str = "transposed") -> None:
         super().__init__()
         self.crop = padding == 0
-        self.up = nn.ConvTranspose2d(in_channels, out_channels, 2, stride=2)  # "up-convolution" in the paper
+        self.up = (nn.ConvTranspose2d(in_channels, out_channels, 2, stride=2) if up == "transposed"
+                   else BilinearUp(in_channels, out_channels))
         self.conv = DoubleConv(2 * out_channels, out_channels, padding, norm_layer, act_layer)
 
     def forward(self, x: Tensor, skip: Tensor) -> Tensor:
@@ -171,14 +191,19 @@ class UNet(nn.Module):
             (every conv padded by 1: the output of ``forward_tile`` is already at the input size).
         norm_layer: None in the paper (it predates batch norm's spread); ``nn.BatchNorm2d`` is the common variant.
         act_layer: ReLU in the paper.
+        up: the expanding path's x2 up-sampling: ``"transposed"`` (the paper's 2x2 stride-2 up-conv) or
+            ``"bilinear"`` (bilinear x2 then a 1x1 conv, :class:`BilinearUp`); docs/upsampling.md compares them.
     """
 
     def __init__(self, *, num_classes: int = 2, in_channels: int = 1, stages: Sequence[UNetStage] = PAPER_STAGES,
                  padding: str = "valid", norm_layer: Callable[[int], nn.Module] | None = None,
-                 act_layer: Callable[..., nn.Module] = nn.ReLU) -> None:
+                 act_layer: Callable[..., nn.Module] = nn.ReLU, up: str = "transposed") -> None:
         super().__init__()
         if padding not in ("valid", "same"):
             raise CnnlabError(f"padding must be 'valid' (the paper's unpadded convs) or 'same', got {padding!r}")
+        if up not in UP_MODES:
+            raise CnnlabError(f"unet: up must be 'transposed' (the paper's 2x2 up-conv) or 'bilinear' (bilinear x2 "
+                              f"+ 1x1 conv), got {up!r}")
         if len(stages) < 1:
             raise CnnlabError("unet needs at least one stage")
         _check(num_classes, "num_classes", 1)
@@ -189,7 +214,7 @@ class UNet(nn.Module):
         self.encoder = nn.ModuleList(DoubleConv(c_in, c_out, pad, norm_layer, act_layer)
                                      for c_in, c_out in zip([in_channels] + widths[:-1], widths))
         self.pool = nn.MaxPool2d(2, 2)
-        self.decoder = nn.ModuleList(UpLevel(c_in, c_out, pad, norm_layer, act_layer)
+        self.decoder = nn.ModuleList(UpLevel(c_in, c_out, pad, norm_layer, act_layer, up)
                                      for c_in, c_out in zip(widths[:0:-1], widths[-2::-1]))
         self.head = nn.Conv2d(widths[0], num_classes, 1)
         for m in self.modules():
@@ -370,10 +395,11 @@ def unet(
     norm_layer: Callable[[int], nn.Module] | None = None, act_layer: Callable[..., nn.Module] = nn.ReLU,
     encoder_depth: int | None = None, decoder_channels: Sequence[int] | None = None,
     decoder_interpolation: str = "nearest", decoder_center: bool = False, output_stride: int = 32,
-    backbone_weights: Any = None,
+    backbone_weights: Any = None, up: str | None = None,
 ) -> nn.Module:
     """U-Net: the paper's (no ``backbone``; ``padding``, ``stages`` or ``channels``: the levels' widths, as a table or
-    plain ints such as ``(16, 32, 64, 128, 256)`` for a small one; ``norm_layer``) or smp's on ``backbone``
+    plain ints such as ``(16, 32, 64, 128, 256)`` for a small one; ``norm_layer``; ``up``: ``"transposed"`` up-convs
+    as in the paper or ``"bilinear"`` x2 + 1x1 conv) or smp's on ``backbone``
     (``encoder_depth``, ``decoder_channels``, ``decoder_interpolation``, ``decoder_center``, ``output_stride``,
     ``backbone_weights``; ``norm_layer`` of the decoder, batch norm by default)."""
     if channels is not None:
@@ -394,11 +420,12 @@ def unet(
         model: nn.Module = UNet(num_classes=num_classes, in_channels=1 if in_channels is None else in_channels,
                                 stages=PAPER_STAGES if stages is None else stages,
                                 padding="valid" if padding is None else padding, norm_layer=norm_layer,
-                                act_layer=act_layer)
+                                act_layer=act_layer, up="transposed" if up is None else up)
     else:
-        if stages is not None or padding not in (None, "same"):
-            raise CnnlabError(f"unet(backbone={backbone!r}): padding={padding!r}/stages/channels are options of the "
-                              "paper's network (no backbone); the encoder-decoder pads every conv (decoder_channels "
+        if stages is not None or padding not in (None, "same") or up is not None:
+            raise CnnlabError(f"unet(backbone={backbone!r}): padding={padding!r}/stages/channels/up are options of the "
+                              "paper's network (no backbone); the encoder-decoder pads every conv, up-samples with "
+                              "decoder_interpolation (decoder_channels "
                               "sets its widths)")
         encoder = encoder_with_depth(backbone, depth=encoder_depth, output_stride=output_stride,
                                              weights=backbone_weights, in_channels=3 if in_channels is None else in_channels,
