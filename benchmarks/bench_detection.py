@@ -554,6 +554,36 @@ def time_detector(model: nn.Module, images: list[Tensor], bf16: bool) -> dict[st
     return {"cpu_s": median(cpu), "wall_s": median(wall)}
 
 
+def time_onnx(model: nn.Module, images: list[Tensor], threads: int) -> dict[str, float]:
+    """Median CPU and wall seconds per image at batch 1 in ONNX Runtime (``cnnlab.export.to_onnx``: the exported
+    graph, checked against eager; one warm-up call): the fastest path cnnlab has for a detector on the CPU."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    from cnnlab.export import to_onnx
+
+    model.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        try:
+            export = to_onnx(model, path, input_size=tuple(images[0].shape))
+        except Exception as e:  # a model that does not export is recorded, not fatal
+            return {"cpu_s": math.nan, "wall_s": math.nan, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        feeds = [{name: image.numpy()} for image in images]
+        session.run(None, feeds[0])
+        cpu, wall = [], []
+        for feed in feeds:
+            _, c, w = timed(lambda: session.run(None, feed))
+            cpu.append(c)
+            wall.append(w)
+    return {"cpu_s": median(cpu), "wall_s": median(wall), "export_max_abs_diff": export.max_abs_diff}
+
+
 def compare(args) -> dict[str, Any]:
     """Train each detector with the same backbone and budget, then time it at batch 1; a table, JSON and a plot."""
     import copy
@@ -576,6 +606,8 @@ def compare(args) -> dict[str, Any]:
                    "latency_fp32": time_detector(model, images, False)}
             if bf16:
                 row["latency_bf16"] = time_detector(model, images, True)
+            if args.onnx:
+                row["latency_onnx"] = time_onnx(model, images, args.threads)
             rows.append(row)
             print(f"  {name}: {1000 * row['latency_fp32']['cpu_s']:.1f} ms/image fp32 (cpu)", flush=True)
             continue
@@ -594,15 +626,19 @@ def compare(args) -> dict[str, Any]:
                "latency_fp32": time_detector(model, images, False)}
         if bf16:
             row["latency_bf16"] = time_detector(model, images, True)
+        if args.onnx:
+            row["latency_onnx"] = time_onnx(model, images, args.threads)
         rows.append(row)
         print(f"  {name}: AP {row['test'].get('AP', math.nan):.3f}  AP50 {row['test'].get('AP50', math.nan):.3f}  "
               f"{1000 * row['latency_fp32']['cpu_s']:.0f} ms/image fp32 (cpu)", flush=True)
     result = {"machine": info, "args": {k: v for k, v in vars(args).items() if k != "func"}, "rows": rows}
-    print(f"\n{'model':12s} {'stage':>5s} {'AP':>6s} {'AP50':>6s} {'epochs':>6s} {'fp32 ms':>8s} {'bf16 ms':>8s}")
+    print(f"\n{'model':12s} {'stage':>5s} {'AP':>6s} {'AP50':>6s} {'epochs':>6s} {'fp32 ms':>8s} {'bf16 ms':>8s} "
+          f"{'ORT ms':>8s}")
     for r in rows:
         b = r.get("latency_bf16", {}).get("cpu_s", math.nan)
+        o = r.get("latency_onnx", {}).get("cpu_s", math.nan)
         print(f"{r['model']:12s} {r['stage']:>5s} {r['test'].get('AP', math.nan):6.3f} {r['test'].get('AP50', math.nan):6.3f} "
-              f"{r['epochs_run']:6d} {1000 * r['latency_fp32']['cpu_s']:8.1f} {1000 * b:8.1f}")
+              f"{r['epochs_run']:6d} {1000 * r['latency_fp32']['cpu_s']:8.1f} {1000 * b:8.1f} {1000 * o:8.1f}")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1, default=float))
         print(f"wrote {args.out}")
@@ -696,6 +732,7 @@ def main(argv: list[str] | None = None) -> None:
                      choices=TRAIN_MODELS)
     cmp.add_argument("--latency-images", type=int, default=20, help="test canvases timed per model")
     cmp.add_argument("--latency-only", action="store_true", help="random-init models timed, nothing trained")
+    cmp.add_argument("--onnx", action="store_true", help="also time each model exported to ONNX Runtime")
     cmp.add_argument("--prefix", default="cmp_", help="run folder names: PREFIX + model")
     cmp.add_argument("--out", help="JSON file for the results")
     cmp.add_argument("--plot", default="", help="PNG of AP50 against latency")

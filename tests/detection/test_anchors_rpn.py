@@ -212,3 +212,38 @@ def test_transform_rejects_bad_images():
         t([torch.rand(3, 10, 10), torch.zeros(3, 10, 10, dtype=torch.uint8)])
     with pytest.raises(CnnlabError, match=r"images\[0\] must be a \(C, H, W\)"):
         t([torch.rand(1, 3, 10, 10)])
+
+
+def test_fixed_scale_keeps_every_image_at_one_scale_and_maps_boxes_back():
+    images = [torch.rand(3, 40, 40), torch.rand(3, 70, 90)]
+    targets = [{"boxes": torch.tensor([[4.0, 8.0, 20.0, 30.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[10.0, 5.0, 60.0, 50.0]]), "labels": torch.tensor([2])}]
+    keep = DetectionTransform(64, 100, fixed_scale=1.0)
+    batch, out = keep(images, targets)
+    assert batch.image_sizes == [(40, 40), (70, 90)]  # min_size/max_size would give (64, 64) and (64, 82)
+    assert torch.equal(out[1]["boxes"], targets[1]["boxes"])
+    normalised = (images[1] - torch.tensor(keep.image_mean)[:, None, None]) / torch.tensor(keep.image_std)[:, None, None]
+    torch.testing.assert_close(batch.tensors[1, :, :70, :90], normalised)
+    half = DetectionTransform(64, 100, fixed_scale=0.5)
+    batch, out = half(images, targets)
+    assert batch.image_sizes == [(20, 20), (35, 45)]
+    torch.testing.assert_close(out[0]["boxes"], targets[0]["boxes"] / 2)
+    half.eval()
+    back = half.postprocess([{"boxes": out[1]["boxes"].clone()}], [batch.image_sizes[1]], [(70, 90)])
+    torch.testing.assert_close(back[0]["boxes"], targets[1]["boxes"])
+    for bad in (0, -1.0, True):
+        with pytest.raises(CnnlabError, match="fixed_scale must be a positive factor"):
+            DetectionTransform(64, 100, fixed_scale=bad)
+    with pytest.raises(CnnlabError, match="without fixed_size"):
+        DetectionTransform(64, 100, fixed_size=(32, 32), fixed_scale=1.0)
+
+
+def test_detectors_take_fixed_scale_by_name():
+    import cnnlab
+
+    for name in ("faster_rcnn", "retinanet"):
+        model = cnnlab.create_model(name, backbone="resnet18", num_classes=3, fixed_scale=1.0).eval()
+        assert model.transform.fixed_scale == 1.0
+        with torch.no_grad():
+            found = model([torch.rand(3, 48, 80)])
+        assert found[0]["boxes"].shape[-1] == 4

@@ -49,6 +49,7 @@ class TransformConfig:
     image_std: tuple[float, ...] | None = None
     size_divisible: int = 32
     fixed_size: tuple[int, int] | None = None
+    fixed_scale: float | None = None  # every image by this factor (1.0: at its own size) instead of min/max_size
 
 
 @dataclass(frozen=True)
@@ -183,7 +184,8 @@ class FasterRCNN(AnchorCheck, GeneralizedRCNN):
             detections_per_img=box.detections_per_img,
         )
         det_transform = DetectionTransform(transform.min_size, transform.max_size, transform.image_mean,
-                                           transform.image_std, transform.size_divisible, transform.fixed_size)
+                                           transform.image_std, transform.size_divisible, transform.fixed_size,
+                                           transform.fixed_scale)
         super().__init__(det_transform, backbone, rpn_module, roi_heads, num_classes)
         self.config = {"transform": transform, "rpn": rpn, "box": box}
 

@@ -365,7 +365,8 @@ class RetinaNet(AnchorCheck, nn.Module):
                               "maps; one head serves every map, so each map needs the same number")
 
         self.transform = DetectionTransform(transform.min_size, transform.max_size, transform.image_mean,
-                                            transform.image_std, transform.size_divisible, transform.fixed_size)
+                                            transform.image_std, transform.size_divisible, transform.fixed_size,
+                                            transform.fixed_scale)
         self.backbone = backbone
         self.head = RetinaNetHead(channels, per_location[0], num_classes, head)
         self.box_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))

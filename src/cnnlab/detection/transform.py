@@ -53,6 +53,9 @@ class DetectionTransform(nn.Module):
         image_mean, image_std: per-channel normalisation (defaults: ImageNet's).
         size_divisible: the padded batch's height and width are multiples of this.
         fixed_size: resize every image to this (width, height) instead.
+        fixed_scale: rescale every image by this factor instead of ``min_size``/``max_size`` (1.0 keeps each image
+            at its own pixels: imagery with a fixed ground resolution, such as aerial tiles trained on and a larger
+            scene evaluated on, where a per-image short side would change the objects' scale between the two).
     """
 
     def __init__(
@@ -63,6 +66,7 @@ class DetectionTransform(nn.Module):
         image_std: Sequence[float] | None = None,
         size_divisible: int = 32,
         fixed_size: tuple[int, int] | None = None,
+        fixed_scale: float | None = None,
     ) -> None:
         super().__init__()
         self.min_size = tuple(min_size) if isinstance(min_size, (list, tuple)) else (min_size,)
@@ -75,7 +79,11 @@ class DetectionTransform(nn.Module):
         if len(self.image_mean) != len(self.image_std):
             raise CnnlabError(f"image_mean {self.image_mean} and image_std {self.image_std} must have one value per channel")
         self.size_divisible = size_divisible
+        if fixed_scale is not None and (isinstance(fixed_scale, bool) or not fixed_scale > 0 or fixed_size):
+            raise CnnlabError(f"fixed_scale must be a positive factor (1.0: keep each image's size), without "
+                              f"fixed_size; got fixed_scale={fixed_scale!r}, fixed_size={fixed_size!r}")
         self.fixed_size = fixed_size
+        self.fixed_scale = None if fixed_scale is None else float(fixed_scale)
 
     def forward(
         self, images: Sequence[Tensor], targets: Sequence[dict[str, Tensor]] | None = None
@@ -119,8 +127,12 @@ class DetectionTransform(nn.Module):
     def resize(self, image: Tensor) -> Tensor:
         """Rescale (C, H, W) so the short side is ``min_size`` and the long side at most ``max_size``."""
         min_size = self._choose_min_size()
+        if self.fixed_scale == 1.0:
+            return image
         if self.fixed_size is not None:
             size, scale, recompute = [self.fixed_size[1], self.fixed_size[0]], None, None
+        elif self.fixed_scale is not None:
+            size, scale, recompute = None, self.fixed_scale, True
         else:
             h, w = image.shape[-2:]
             size, scale, recompute = None, min(min_size / min(h, w), self.max_size / max(h, w)), True
