@@ -109,3 +109,57 @@ def test_a_real_budget_ends_a_long_run_early(tmp_path):
     result = train(config)
     assert result.planned_steps is not None and result.planned_steps < 60_000
     assert len(result.history) == -(-result.planned_steps // 6)
+
+
+def test_a_machine_that_slows_down_after_the_plan_still_ends_on_time(tmp_path, monkeypatch, capsys):
+    # the plan allows 40 steps in 60 s; after step 15 the clock jumps 1,000 s (the machine became that much
+    # slower): the next step would start past the deadline, so the run stops at 15 steps, mid-epoch 3, with
+    # its last checkpoint saying so, and a resume neither re-plans nor trains further
+    import time as real_time
+
+    real = real_time.perf_counter
+    offset = [0.0]
+    monkeypatch.setattr(tb.time, "perf_counter", lambda: real() + offset[0])
+    real_set_lr = __import__("cnnlab.engine.trainer", fromlist=["set_lr"]).set_lr
+    calls = [0]
+
+    def slow_from_step_15(optimizer, factor):
+        calls[0] += 1
+        if calls[0] == 15:
+            offset[0] += 1000.0
+        return real_set_lr(optimizer, factor)
+
+    monkeypatch.setattr("cnnlab.engine.trainer.set_lr", slow_from_step_15)
+    monkeypatch.setattr(tb.TimeBudget, "plan", lambda self, step, spe, limit, v, t: tb.Plan(0.01, v, t, 40, 7))
+    monkeypatch.setattr(tb, "MIN_TIMED_S", 0.0)
+    config = tiny_config(tmp_path, epochs=50)
+    config.time_budget, config.quiet = 60, False
+    result = train(config)
+    assert calls[0] == 15 and result.planned_steps == 15
+    assert len(result.history) == 3  # two whole epochs of 6 steps and 3 steps of the third
+    assert "stopping at step 15 of 40 to end on time" in capsys.readouterr().out
+    saved = json.loads((result.run_dir / "last.json").read_text())
+    assert saved["planned_steps"] == 15 and saved["epoch"] == 3
+    monkeypatch.setattr(tb.TimeBudget, "plan", lambda *a: pytest.fail("a resumed run must keep its plan"))
+    resumed = train(config, resume=True)
+    assert calls[0] == 15 and len(resumed.history) == 3
+
+
+def test_the_deadline_is_checked_between_epochs_too(tmp_path, monkeypatch):
+    # the clock jumps at the end of epoch 2 (a slow validation or checkpoint): epoch 3 does not start
+    import time as real_time
+
+    real = real_time.perf_counter
+    offset = [0.0]
+    monkeypatch.setattr(tb.time, "perf_counter", lambda: real() + offset[0])
+    monkeypatch.setattr(tb.TimeBudget, "plan", lambda self, step, spe, limit, v, t: tb.Plan(0.01, v, t, 40, 7))
+    monkeypatch.setattr(tb, "MIN_TIMED_S", 0.0)
+
+    def jump_after_epoch_2(row):
+        if row["epoch"] == 2:
+            offset[0] += 1000.0
+
+    config = tiny_config(tmp_path, epochs=50)
+    config.time_budget = 60
+    result = train(config, callbacks=[jump_after_epoch_2])
+    assert result.planned_steps == 12 and len(result.history) == 2

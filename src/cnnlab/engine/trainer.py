@@ -27,7 +27,7 @@ from cnnlab.engine.evaluate import EvalResult, autocast
 from cnnlab.engine.optim import build_optimizer, freeze, lr_factor, penalty, set_lr
 from cnnlab.engine.tasks import Task, TaskResult, get_task
 from cnnlab.engine.tasks._model import model_channels  # noqa: F401 - re-exported (ensembles use it)
-from cnnlab.engine.time_budget import TimeBudget
+from cnnlab.engine.time_budget import END_RESERVE_S, TimeBudget
 
 EpochCallback = Callable[[dict[str, Any]], None]
 
@@ -219,6 +219,8 @@ def _train(config: TrainConfig, resume: bool, callbacks: Sequence[EpochCallback]
     for epoch in range(state["epoch"], config.epochs):
         if state["planned_steps"] is not None and state["step"] >= state["planned_steps"]:
             break  # the time budget's steps are done
+        if loop.past_deadline():
+            break
         # dropout & co. depend on the epoch (and rank) only: exact resumes
         torch.manual_seed(config.seed * 7919 + epoch + 1_000_003 * env.rank)
         if hasattr(data.train, "set_epoch"):
@@ -353,6 +355,10 @@ class _Loop:
         self.config, self.state, self.steps_per_epoch = config, state, steps_per_epoch
         self.device, self.amp, self.run_dir, self.budget, self.env = device, amp, run_dir, budget, env
         self.limit = steps_per_epoch * config.epochs
+        # the time budget's hard end for starting a step (set by the plan): the plan fixes the step count once,
+        # for exact resumes, so a machine that slows down later (another job, thermal limits) would overrun it
+        self.deadline: float | None = None
+        self.step_s = self.planned_step_s = 0.0  # the planned seconds per step; then step_s is the latest step's
 
     def total_steps(self) -> int:
         """What the schedule is laid over: the budget's steps once planned, else all the epochs'."""
@@ -377,8 +383,24 @@ class _Loop:
         plan = self.budget.plan(self.state["step"], self.steps_per_epoch, self.limit, val_s, test_s)
         plan = self.env.broadcast(plan)
         self.state["planned_steps"] = plan.steps
+        if not self.env.enabled:  # under torchrun every rank must stop at the same step: the plan alone decides
+            self.deadline = self.budget.start + self.budget.budget_s - val_s - test_s - END_RESERVE_S
+            self.step_s = plan.step_s
+        self.planned_step_s = plan.step_s
         self.budget = None
         _log(self.config, plan.describe(self.steps_per_epoch, self.limit, self.config.time_budget))
+
+    def past_deadline(self) -> bool:
+        """True when the next step would end after the budget's deadline; the plan is then cut to the steps
+        done (saved with the checkpoint, so a resume stays exact) and the run goes on to its last evaluation."""
+        if self.deadline is None or time.perf_counter() + self.step_s <= self.deadline:
+            return False
+        state, planned = self.state, self.state["planned_steps"]
+        state["planned_steps"], self.deadline = state["step"], None
+        _log(self.config, f"time budget: behind the plan (the last step took {1000 * self.step_s:.0f} ms, "
+                          f"{1000 * self.planned_step_s:.0f} ms were planned; checkpoints and validation count too); "
+                          f"stopping at step {state['step']:,} of {planned:,} to end on time")
+        return True
 
     def epoch(self, epoch: int) -> dict[str, Any]:
         from tqdm import tqdm
@@ -392,9 +414,12 @@ class _Loop:
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.epochs_planned()}", leave=False,
                    unit="batch", disable=config.quiet or not sys.stderr.isatty(), dynamic_ncols=True)
         loss = None
+        t_step = time.perf_counter()
         for i, batch in enumerate(self.data.train):
             if state["planned_steps"] is not None and state["step"] >= state["planned_steps"]:
                 break  # the time budget ends this (last) epoch early
+            if i and self.past_deadline():  # (before the first step train() asked: an epoch never runs empty)
+                break
             lr = set_lr(optimizer, lr_factor(config.optim, state["step"], self.steps_per_epoch, self.total_steps()))
             with autocast(self.device, self.amp):
                 out = task.step(self.net, batch, config)
@@ -414,6 +439,10 @@ class _Loop:
                 self.ema.update(model)
             state["step"] += 1
             meter.update(out)
+            now = time.perf_counter()
+            if self.deadline is not None:
+                self.step_s = now - t_step  # the data's wait included: what the next step will likely cost
+            t_step = now
             if self.budget is not None and self.budget.after_step(state["step"]):
                 self._plan()
                 bar.total = min(self.steps_per_epoch, self.total_steps() - epoch * self.steps_per_epoch)
