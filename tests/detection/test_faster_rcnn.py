@@ -202,6 +202,8 @@ def test_backbone_weights_from_a_file_and_trainable_layers(tmp_path):
         faster_rcnn(backbone="resnet18", num_classes=3, backbone_weights=str(wrong), **SMALL)
     with pytest.raises(CnnlabError, match="neither a run folder nor a weights file"):
         faster_rcnn(backbone="resnet18", num_classes=3, backbone_weights=str(tmp_path / "nothing"), **SMALL)
+    with pytest.raises(CnnlabError, match="backbone_weights is empty"):  # an unset shell variable
+        faster_rcnn(backbone="resnet18", num_classes=3, backbone_weights="", **SMALL)
     with pytest.raises(CnnlabError, match="trainable_backbone_layers must be in 0..5"):
         faster_rcnn(backbone="resnet18", num_classes=3, trainable_backbone_layers=6, **SMALL)
 

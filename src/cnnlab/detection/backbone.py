@@ -205,6 +205,9 @@ def load_backbone_weights(model: nn.Module, weights: str | os.PathLike) -> dict 
     """
     from cnnlab.models.weights import load_weights, read_state_dict
 
+    if not str(weights).strip():  # Path("") is ".", a folder: say what is wrong instead of "no run folder"
+        raise CnnlabError("backbone_weights is empty; expected a cnnlab classification run folder or a weights "
+                          "file (or leave it unset for random initialisation)")
     path = Path(weights)
     norm = None
     if path.is_dir():
