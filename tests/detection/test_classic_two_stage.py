@@ -156,7 +156,24 @@ def test_rcnn_runs_the_cnn_once_per_region():
     images, targets = _scene()
     model(images, targets)
     sampled = sum(shape[0] for shape in calls)
-    assert len(calls) == math.ceil(sampled / 16) and 0 < sampled <= 3 * 128
+    # R-CNN's mini-batch: 128 regions per step over the whole batch (42 for each of the 3 images), not per image
+    assert len(calls) == math.ceil(sampled / 16) and 0 < sampled <= 3 * (128 // 3)
+
+
+def test_rcnn_samples_its_regions_per_batch_not_per_image():
+    images, targets = _scene()
+    counts = {}
+    for per_batch in (30, None):  # None: torchvision's rule, batch_size_per_image (128) for each image
+        torch.manual_seed(0)
+        model = _build("rcnn", head={"regions_per_batch": per_batch}).train()
+        calls = []
+        model.roi_heads.box_head.cnn.register_forward_hook(lambda _m, inputs, _o: calls.append(inputs[0].shape[0]))
+        model(images, targets)
+        counts[per_batch] = sum(calls)
+    # 120 grid proposals (+ the ground truth) per image: 10 each of the 3 images, or all of them without a cap
+    assert counts[30] == 30 and counts[None] > 3 * 120
+    with pytest.raises(CnnlabError, match="regions_per_batch must be a positive int"):
+        _build("rcnn", head={"regions_per_batch": 0})
 
 
 def test_warp_regions_is_crop_and_resize_with_context():

@@ -42,7 +42,12 @@ class RegionHeadConfig:
         fg_iou_thresh: a proposal with IoU >= this with a box is that box's class (0.5 in all three papers).
         bg_iou_thresh: below this, background (0.5: R-CNN's fine-tuning and Fast R-CNN's upper bound).
         batch_size_per_image, positive_fraction: regions sampled per image and their largest foreground share
-            (R-CNN: 128 per batch, 32 foreground; Fast R-CNN: 64 per image, 25 %).
+            (Fast R-CNN: 64 per image, 25 %).
+        regions_per_batch: if set, the regions sampled per training step over the whole batch, shared equally by
+            its images (at most ``batch_size_per_image`` each, at least 1). R-CNN's mini-batch is 128 regions per
+            SGD step, 32 foreground (Girshick et al. 2014, section 2.3), and each region is a whole CNN pass: per
+            image, a batch of 8 would keep 1,024 CNN passes' activations for the backward pass (23 GB for a
+            ResNet-18 at 224 px).
         cls_loss: ``"softmax"`` (cross-entropy over K+1 classes, Fast R-CNN's) or ``"hinge"`` (a multi-class hinge,
             ``F.multi_margin_loss``: the linear scores trained as the SVMs of R-CNN and SPP-net, jointly).
         bbox_reg_weights: the box coder's (wx, wy, ww, wh).
@@ -53,6 +58,7 @@ class RegionHeadConfig:
     bg_iou_thresh: float = 0.5
     batch_size_per_image: int = 128
     positive_fraction: float = 0.25
+    regions_per_batch: int | None = None
     cls_loss: str = "softmax"
     bbox_reg_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
     score_thresh: float = 0.05
@@ -62,6 +68,9 @@ class RegionHeadConfig:
     def __post_init__(self) -> None:
         if self.cls_loss not in CLS_LOSSES:
             raise CnnlabError(f"cls_loss must be one of {', '.join(CLS_LOSSES)}, got {self.cls_loss!r}")
+        if self.regions_per_batch is not None and not (isinstance(self.regions_per_batch, int)
+                                                       and self.regions_per_batch >= 1):
+            raise CnnlabError(f"regions_per_batch must be a positive int or None, got {self.regions_per_batch!r}")
 
     @classmethod
     def of(cls, value: RegionHeadConfig | dict | None, **defaults) -> RegionHeadConfig:
@@ -90,12 +99,16 @@ class RegionHeads(RoIHeads):
 
     def __init__(self, box_roi_pool: nn.Module, box_head: nn.Module, box_predictor: nn.Module,
                  config: RegionHeadConfig) -> None:
-        kwargs = {k: v for k, v in asdict(config).items() if k != "cls_loss"}
+        kwargs = {k: v for k, v in asdict(config).items() if k not in ("cls_loss", "regions_per_batch")}
         super().__init__(box_roi_pool, box_head, box_predictor, **kwargs)
-        self.cls_loss = config.cls_loss
+        self.cls_loss, self.regions_per_batch = config.cls_loss, config.regions_per_batch
+        self.per_image = config.batch_size_per_image
 
     def forward(self, features: dict[str, Tensor], proposals: list[Tensor], image_shapes: list[tuple[int, int]],
                 targets: list[dict[str, Tensor]] | None = None) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
+        if self.training and self.regions_per_batch is not None:  # the sampler reads its size at each call
+            share = max(1, self.regions_per_batch // max(1, len(proposals)))
+            self.fg_bg_sampler.batch_size_per_image = min(self.per_image, share)
         if not self.training or self.cls_loss == "softmax":
             return super().forward(features, proposals, image_shapes, targets)
         if targets is None:

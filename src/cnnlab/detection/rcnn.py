@@ -92,7 +92,7 @@ def rcnn(
         context_padding: share of the warped size given to context on each side (the paper: 16 of 227).
         region_batch_size: regions per CNN forward pass.
         head: RegionHeadConfig fields (sampling, ``cls_loss="softmax" | "hinge"``, NMS); R-CNN's mini-batch is
-            128 regions, 25 % foreground.
+            128 regions per training step over the whole batch (``regions_per_batch``), 25 % foreground.
         min_size, max_size, image_mean, image_std: the DetectionTransform's (images are resized before cropping).
         in_channels: image channels.
     """
@@ -106,7 +106,7 @@ def rcnn(
     if len(size) != 2 or min(size) < getattr(cnn, "min_input_size", 1):
         raise CnnlabError(f"roi_output_size={roi_output_size!r}: expected an int or (h, w) of at least "
                           f"{getattr(cnn, 'min_input_size', 1)}, the smallest input {backbone} takes")
-    config = RegionHeadConfig.of(head, batch_size_per_image=128, positive_fraction=0.25)
+    config = RegionHeadConfig.of(head, batch_size_per_image=128, positive_fraction=0.25, regions_per_batch=128)
     region_cnn = RegionCNN(cnn, region_batch_size)
     heads = RegionHeads(WarpRegions(size, context_padding), region_cnn,
                         FastRCNNPredictor(region_cnn.out_features, num_classes), config)
