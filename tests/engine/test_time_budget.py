@@ -163,3 +163,27 @@ def test_the_deadline_is_checked_between_epochs_too(tmp_path, monkeypatch):
     config.time_budget = 60
     result = train(config, callbacks=[jump_after_epoch_2])
     assert result.planned_steps == 12 and len(result.history) == 2
+
+
+def test_slow_steps_are_planned_after_one_timed_step(monkeypatch):
+    # 4 s steps in a 100 s budget: ten timed steps would be 40 s (plus the warm-up) before any plan; once 10 %
+    # of the budget is spent, one timed step is enough
+    clock = Clock()
+    monkeypatch.setattr(tb.time, "perf_counter", clock)
+    budget = tb.TimeBudget(100.0, start=clock.t)
+    ready_at = None
+    for step in range(1, 20):
+        clock.t += 4.0
+        if budget.after_step(step):
+            ready_at = step
+            break
+    assert ready_at == tb.WARMUP_STEPS + 1 and budget.step_s == pytest.approx(4.0)
+    # fast steps still wait for the ten timed steps and the second
+    clock = Clock()
+    monkeypatch.setattr(tb.time, "perf_counter", clock)
+    budget = tb.TimeBudget(100.0, start=clock.t)
+    for step in range(1, 40):
+        clock.t += 0.2
+        if budget.after_step(step):
+            break
+    assert step == tb.WARMUP_STEPS + tb.MIN_TIMED_STEPS

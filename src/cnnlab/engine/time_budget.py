@@ -14,6 +14,9 @@ from dataclasses import dataclass
 WARMUP_STEPS = 3
 # time at least this many steps and this long, for a stable per-step figure
 MIN_TIMED_STEPS, MIN_TIMED_S = 10, 1.0
+# ... unless the run has already spent this share of its budget (steps of many seconds, as R-CNN's): then one
+# timed step is enough, or the timing itself would eat the budget
+EARLY_PLAN_SHARE = 0.1
 # what the end of a run costs besides evaluation: results.json, plots, report.html (measured ~1-3 s
 # on 2 CPU cores); a fraction of the budget is kept back for the noise in the estimates
 END_RESERVE_S, SAFETY = 4.0, 0.05
@@ -60,6 +63,8 @@ class TimeBudget:
         if self._t0 is None:
             return False
         self.timed = step - self.first
+        if now - self.start >= EARLY_PLAN_SHARE * self.budget_s:
+            return True
         return self.timed >= MIN_TIMED_STEPS and now - self._t0 >= MIN_TIMED_S
 
     @property
