@@ -146,23 +146,31 @@ def test_a_machine_that_slows_down_after_the_plan_still_ends_on_time(tmp_path, m
 
 
 def test_the_deadline_is_checked_between_epochs_too(tmp_path, monkeypatch):
-    # the clock jumps at the end of epoch 2 (a slow validation or checkpoint): epoch 3 does not start
+    # the machine slows down during the last step of epoch 2: epoch 3 does not start, and the checkpoint of
+    # epoch 2 already holds the plan as cut (a resume trains no further)
     import time as real_time
 
     real = real_time.perf_counter
     offset = [0.0]
     monkeypatch.setattr(tb.time, "perf_counter", lambda: real() + offset[0])
+    real_set_lr = __import__("cnnlab.engine.trainer", fromlist=["set_lr"]).set_lr
+    calls = [0]
+
+    def slow_from_step_12(optimizer, factor):
+        calls[0] += 1
+        if calls[0] == 12:
+            offset[0] += 1000.0
+        return real_set_lr(optimizer, factor)
+
+    monkeypatch.setattr("cnnlab.engine.trainer.set_lr", slow_from_step_12)
     monkeypatch.setattr(tb.TimeBudget, "plan", lambda self, step, spe, limit, v, t: tb.Plan(0.01, v, t, 40, 7))
     monkeypatch.setattr(tb, "MIN_TIMED_S", 0.0)
-
-    def jump_after_epoch_2(row):
-        if row["epoch"] == 2:
-            offset[0] += 1000.0
-
     config = tiny_config(tmp_path, epochs=50)
     config.time_budget = 60
-    result = train(config, callbacks=[jump_after_epoch_2])
-    assert result.planned_steps == 12 and len(result.history) == 2
+    result = train(config)
+    assert calls[0] == 12 and result.planned_steps == 12 and len(result.history) == 2
+    saved = json.loads((result.run_dir / "last.json").read_text())
+    assert saved["planned_steps"] == 12 and saved["epoch"] == 2
 
 
 def test_slow_steps_are_planned_after_one_timed_step(monkeypatch):

@@ -219,8 +219,6 @@ def _train(config: TrainConfig, resume: bool, callbacks: Sequence[EpochCallback]
     for epoch in range(state["epoch"], config.epochs):
         if state["planned_steps"] is not None and state["step"] >= state["planned_steps"]:
             break  # the time budget's steps are done
-        if loop.past_deadline():
-            break
         # dropout & co. depend on the epoch (and rank) only: exact resumes
         torch.manual_seed(config.seed * 7919 + epoch + 1_000_003 * env.rank)
         if hasattr(data.train, "set_epoch"):
@@ -234,6 +232,8 @@ def _train(config: TrainConfig, resume: bool, callbacks: Sequence[EpochCallback]
         row = env.reduce_row(row)  # one row on every rank: the same early-stopping decision
         history.append(row)
         state["epoch"] = epoch + 1
+        if state["planned_steps"] is not None and state["step"] < state["planned_steps"]:
+            loop.past_deadline()  # before the checkpoint: it must hold the plan as cut
         improved = _update_best(task, config, state, row)
         meta = dict(meta_base, **state, history=history)
         ema_state = ema.state() if ema is not None else None
@@ -418,7 +418,7 @@ class _Loop:
         for i, batch in enumerate(self.data.train):
             if state["planned_steps"] is not None and state["step"] >= state["planned_steps"]:
                 break  # the time budget ends this (last) epoch early
-            if i and self.past_deadline():  # (before the first step train() asked: an epoch never runs empty)
+            if i and self.past_deadline():  # (the first step: train() asked after the last epoch; never empty)
                 break
             lr = set_lr(optimizer, lr_factor(config.optim, state["step"], self.steps_per_epoch, self.total_steps()))
             with autocast(self.device, self.amp):
