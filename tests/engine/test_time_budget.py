@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -195,3 +196,33 @@ def test_slow_steps_are_planned_after_one_timed_step(monkeypatch):
         if budget.after_step(step):
             break
     assert step == tb.WARMUP_STEPS + tb.MIN_TIMED_STEPS
+
+
+def test_the_first_plan_is_re_timed_once_over_the_steps_after_it(tmp_path, monkeypatch):
+    # the first 13 steps take 0.5 s (workers filling their queues on the same cores), then 0.25 s: the
+    # provisional plan from the 0.5 s steps is re-timed over steps 14..23 and fixed from 0.25 s
+    from cnnlab.data import datasets as D
+
+    from ._tiny import make_tiny
+
+    monkeypatch.setitem(D.DATASETS, "tiny", lambda root=None, download=False: make_tiny(n_train=960))  # 60 steps
+    clock = Clock()
+    monkeypatch.setattr(tb.time, "perf_counter", clock)
+    real_set_lr = __import__("cnnlab.engine.trainer", fromlist=["set_lr"]).set_lr
+    calls = [0]
+
+    def timed_step(optimizer, factor):  # called as each step starts: the clock moves by that step's time
+        calls[0] += 1
+        clock.t += 0.5 if calls[0] <= 13 else 0.25
+        return real_set_lr(optimizer, factor)
+
+    monkeypatch.setattr("cnnlab.engine.trainer.set_lr", timed_step)
+    config = tiny_config(tmp_path, epochs=50)
+    config.time_budget, config.quiet = 100, False  # 10 % = 10 s: not an early plan
+    result = train(config)
+    first = 13 + int((100 * (1 - tb.SAFETY) - 6.5 - tb.END_RESERVE_S) // 0.5)  # the provisional plan
+    refine = 13 + max(tb.REFINE_MIN_STEPS, math.ceil(tb.REFINE_SHARE * first))
+    final = refine + int((100 * (1 - tb.SAFETY) - (6.5 + 0.25 * (refine - 13)) - tb.END_RESERVE_S) // 0.25)
+    assert result.planned_steps == final == calls[0] and final > 1.8 * first
+    saved = json.loads((result.run_dir / "last.json").read_text())
+    assert saved["planned_steps"] == final

@@ -1,5 +1,7 @@
 """Time budgets: time the first steps, then fix the number of steps so the whole run fits.
 
+The first plan is provisional; the steps after it are timed again and the plan fixed then (REFINE_SHARE).
+
 A budget makes a run end on time on any machine; the steps it allows differ between machines,
 so two runs with the same budget repeat exactly only on the same kind of machine. Once fixed,
 the step count is saved with every checkpoint: a resumed run keeps it (and stays exact).
@@ -17,6 +19,11 @@ MIN_TIMED_STEPS, MIN_TIMED_S = 10, 1.0
 # ... unless the run has already spent this share of its budget (steps of many seconds, as R-CNN's): then one
 # timed step is enough, or the timing itself would eat the budget
 EARLY_PLAN_SHARE = 0.1
+# the first plan is provisional: the first seconds of a run are often unrepresentative (data-loader workers
+# filling their queues on the same cores: 596 ms per step timed where 226 ms followed, for SSD at two threads);
+# it is re-timed once over the steps that follow it, this share of the planned steps (at least REFINE_MIN_STEPS),
+# and the step count fixed then, before the first checkpoint
+REFINE_SHARE, REFINE_MIN_STEPS = 0.05, 10
 # what the end of a run costs besides evaluation: results.json, plots, report.html (measured ~1-3 s
 # on 2 CPU cores); a fraction of the budget is kept back for the noise in the estimates
 END_RESERVE_S, SAFETY = 4.0, 0.05
@@ -51,12 +58,23 @@ class TimeBudget:
         self.first = steps_done + WARMUP_STEPS
         self._t0: float | None = None
         self._seen: list[tuple[int, float]] = []  # (steps done, time) after each step
+        self._provisional: tuple[int, float] | None = None  # (step, time) of the provisional plan
         self.timed = 0
+
+    def mark_provisional(self, step: int) -> None:
+        """The provisional plan was made after ``step`` steps: ``step_s`` is timed from here on."""
+        self._provisional = (step, time.perf_counter())
+
+    def refine_at(self, planned_steps: int, step: int) -> int:
+        """The step after which the provisional plan of ``planned_steps`` is re-timed (at its end at the latest)."""
+        return min(planned_steps, step + max(REFINE_MIN_STEPS, math.ceil(REFINE_SHARE * planned_steps)))
 
     def after_step(self, step: int) -> bool:
         """Call after each step (``step`` = steps done); True once enough steps are timed to plan."""
         now = time.perf_counter()
         self._seen.append((step, now))
+        if self._provisional is not None:
+            return False
         if step == self.first:
             self._t0 = now
             return False
@@ -70,7 +88,11 @@ class TimeBudget:
     @property
     def step_s(self) -> float:
         """Seconds per step over the timed steps; before any (an epoch shorter than the warm-up), over the
-        steps seen, or, after one step, since the budget started (set-up included: an over-estimate)."""
+        steps seen, or, after one step, since the budget started (set-up included: an over-estimate). After a
+        provisional plan: over the steps since it, once there are any."""
+        if self._provisional is not None and self._seen[-1][0] > self._provisional[0]:
+            (s0, t0), (s1, t1) = self._provisional, self._seen[-1]
+            return (t1 - t0) / (s1 - s0)
         if self._t0 is not None and self.timed:
             return (self._seen[-1][1] - self._t0) / self.timed
         if len(self._seen) >= 2:

@@ -359,6 +359,8 @@ class _Loop:
         # for exact resumes, so a machine that slows down later (another job, thermal limits) would overrun it
         self.deadline: float | None = None
         self.step_s = self.planned_step_s = 0.0  # the planned seconds per step; then step_s is the latest step's
+        self.refine_at: int | None = None  # the step after which the provisional plan is re-timed
+        self._pass_s: tuple[float, float] | None = None  # one validation pass and the test pass, timed once
 
     def total_steps(self) -> int:
         """What the schedule is laid over: the budget's steps once planned, else all the epochs'."""
@@ -367,8 +369,9 @@ class _Loop:
     def epochs_planned(self) -> int:
         return -(-self.total_steps() // self.steps_per_epoch)
 
-    def _plan(self) -> None:
-        """The time budget's decision, taken once on rank 0 and shared (every rank runs the same steps)."""
+    def _plan(self, final: bool) -> None:
+        """The time budget's decision, taken on rank 0 and shared (every rank runs the same steps): a provisional
+        plan from the first timed steps, then the final one from the steps after it (``refine_at``)."""
         data, task = self.data, self.task
         model = self.ema.module if self.ema is not None else self.model
 
@@ -379,16 +382,23 @@ class _Loop:
             task.evaluate(model, _first(batches), data, amp=self.amp, tta_flip=self.config.tta_flip)
             return (time.perf_counter() - t0) * len(batches)
 
-        val_s, test_s = pass_seconds(data.val), pass_seconds(data.test)
-        plan = self.budget.plan(self.state["step"], self.steps_per_epoch, self.limit, val_s, test_s)
-        plan = self.env.broadcast(plan)
+        if self._pass_s is None:  # timed once, with the provisional plan
+            self._pass_s = pass_seconds(data.val), pass_seconds(data.test)
+        val_s, test_s = self._pass_s
+        step, budget = self.state["step"], self.budget
+        plan = self.env.broadcast(budget.plan(step, self.steps_per_epoch, self.limit, val_s, test_s))
         self.state["planned_steps"] = plan.steps
-        if not self.env.enabled:  # under torchrun every rank must stop at the same step: the plan alone decides
-            self.deadline = self.budget.start + self.budget.budget_s - val_s - test_s - END_RESERVE_S
-            self.step_s = plan.step_s
-        self.planned_step_s = plan.step_s
-        self.budget = None
-        _log(self.config, plan.describe(self.steps_per_epoch, self.limit, self.config.time_budget))
+        if final:
+            if not self.env.enabled:  # under torchrun every rank must stop at the same step: the plan alone decides
+                self.deadline = budget.start + budget.budget_s - val_s - test_s - END_RESERVE_S
+                self.step_s = plan.step_s
+            self.planned_step_s = plan.step_s
+            self.budget, self.refine_at = None, None
+        else:
+            budget.mark_provisional(step)
+            self.refine_at = budget.refine_at(plan.steps, step)
+        what = plan.describe(self.steps_per_epoch, self.limit, self.config.time_budget)
+        _log(self.config, what + ("" if final else f"; provisional, re-timed after step {self.refine_at:,}"))
 
     def past_deadline(self) -> bool:
         """True when the next step would end after the budget's deadline; the plan is then cut to the steps
@@ -443,15 +453,22 @@ class _Loop:
             if self.deadline is not None:
                 self.step_s = now - t_step  # the data's wait included: what the next step will likely cost
             t_step = now
-            if self.budget is not None and self.budget.after_step(state["step"]):
-                self._plan()
+            if self.budget is not None:
+                ready = self.budget.after_step(state["step"])
+                if self.refine_at is None:
+                    # a clock decides when the timing is enough: rank 0's, or the ranks would plan at other steps
+                    if self.env.broadcast(ready):
+                        self._plan(final=False)
+                elif state["step"] >= self.refine_at:  # from the shared plan: the same step on every rank
+                    self._plan(final=True)
+                bar.total = min(self.steps_per_epoch, self.total_steps() - epoch * self.steps_per_epoch)
                 bar.total = min(self.steps_per_epoch, self.total_steps() - epoch * self.steps_per_epoch)
             if not bar.disable and (bar.n % 10 == 0 or i + 1 == self.steps_per_epoch):  # .item() syncs a GPU
                 bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{meter.seen / (time.perf_counter() - wall0):.0f}")
             bar.update(1)
         bar.close()
         if self.budget is not None:  # an epoch shorter than the timing: plan now, so every checkpoint holds the plan
-            self._plan()
+            self._plan(final=True)
         values = meter.compute()
         if not math.isfinite(values["loss"]) or not _finite_weights(model):
             # the loss of the last step is in the mean; weights a last step made NaN are caught here
