@@ -462,7 +462,6 @@ class _Loop:
                 elif state["step"] >= self.refine_at:  # from the shared plan: the same step on every rank
                     self._plan(final=True)
                 bar.total = min(self.steps_per_epoch, self.total_steps() - epoch * self.steps_per_epoch)
-                bar.total = min(self.steps_per_epoch, self.total_steps() - epoch * self.steps_per_epoch)
             if not bar.disable and (bar.n % 10 == 0 or i + 1 == self.steps_per_epoch):  # .item() syncs a GPU
                 bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{meter.seen / (time.perf_counter() - wall0):.0f}")
             bar.update(1)
