@@ -112,10 +112,9 @@ def test_a_real_budget_ends_a_long_run_early(tmp_path):
     assert len(result.history) == -(-result.planned_steps // 6)
 
 
-def test_a_machine_that_slows_down_after_the_plan_still_ends_on_time(tmp_path, monkeypatch, capsys):
-    # the plan allows 40 steps in 60 s; after step 15 the clock jumps 1,000 s (the machine became that much
-    # slower): the next step would start past the deadline, so the run stops at 15 steps, mid-epoch 3, with
-    # its last checkpoint saying so, and a resume neither re-plans nor trains further
+def _slows_down_at_step(monkeypatch, n: int) -> list[int]:
+    """A 40-step plan, and a clock that jumps 1,000 s as step ``n`` starts (the machine became that much slower);
+    returns the steps' counter (``[steps started]``)."""
     import time as real_time
 
     real = real_time.perf_counter
@@ -124,15 +123,23 @@ def test_a_machine_that_slows_down_after_the_plan_still_ends_on_time(tmp_path, m
     real_set_lr = __import__("cnnlab.engine.trainer", fromlist=["set_lr"]).set_lr
     calls = [0]
 
-    def slow_from_step_15(optimizer, factor):
+    def step_starts(optimizer, factor):
         calls[0] += 1
-        if calls[0] == 15:
+        if calls[0] == n:
             offset[0] += 1000.0
         return real_set_lr(optimizer, factor)
 
-    monkeypatch.setattr("cnnlab.engine.trainer.set_lr", slow_from_step_15)
+    monkeypatch.setattr("cnnlab.engine.trainer.set_lr", step_starts)
     monkeypatch.setattr(tb.TimeBudget, "plan", lambda self, step, spe, limit, v, t: tb.Plan(0.01, v, t, 40, 7))
     monkeypatch.setattr(tb, "MIN_TIMED_S", 0.0)
+    return calls
+
+
+def test_a_machine_that_slows_down_after_the_plan_still_ends_on_time(tmp_path, monkeypatch, capsys):
+    # the plan allows 40 steps in 60 s; the clock jumps during step 15: the next step would start past the
+    # deadline, so the run stops at 15 steps, mid-epoch 3, with its last checkpoint saying so, and a resume
+    # neither re-plans nor trains further
+    calls = _slows_down_at_step(monkeypatch, 15)
     config = tiny_config(tmp_path, epochs=50)
     config.time_budget, config.quiet = 60, False
     result = train(config)
@@ -149,23 +156,7 @@ def test_a_machine_that_slows_down_after_the_plan_still_ends_on_time(tmp_path, m
 def test_the_deadline_is_checked_between_epochs_too(tmp_path, monkeypatch):
     # the machine slows down during the last step of epoch 2: epoch 3 does not start, and the checkpoint of
     # epoch 2 already holds the plan as cut (a resume trains no further)
-    import time as real_time
-
-    real = real_time.perf_counter
-    offset = [0.0]
-    monkeypatch.setattr(tb.time, "perf_counter", lambda: real() + offset[0])
-    real_set_lr = __import__("cnnlab.engine.trainer", fromlist=["set_lr"]).set_lr
-    calls = [0]
-
-    def slow_from_step_12(optimizer, factor):
-        calls[0] += 1
-        if calls[0] == 12:
-            offset[0] += 1000.0
-        return real_set_lr(optimizer, factor)
-
-    monkeypatch.setattr("cnnlab.engine.trainer.set_lr", slow_from_step_12)
-    monkeypatch.setattr(tb.TimeBudget, "plan", lambda self, step, spe, limit, v, t: tb.Plan(0.01, v, t, 40, 7))
-    monkeypatch.setattr(tb, "MIN_TIMED_S", 0.0)
+    calls = _slows_down_at_step(monkeypatch, 12)
     config = tiny_config(tmp_path, epochs=50)
     config.time_budget = 60
     result = train(config)
