@@ -64,8 +64,8 @@ def to_onnx(model: nn.Module, path: str | os.PathLike, *, input_size: Any = None
                 x = traced.check_input(dynamic_batch)
                 with torch.no_grad():
                     reference = (traced.module or model)(x)
-                result.max_abs_diff, result.tolerance = traced.compare(reference, run_onnx(tmp, x), atol,
-                                                                       "the ONNX model")
+                result.max_abs_diff, result.tolerance = traced.compare(
+                    reference, run_onnx(tmp, x), atol, "the ONNX model", model=model, x=x, notes=result.notes)
             if external:
                 shutil.move(str(tmp) + ".data", str(path) + ".data")
             os.replace(tmp, path)

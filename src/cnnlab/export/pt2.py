@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -65,12 +66,15 @@ class Traced:
             return torch.rand_like(self.example)
         return check_example(self.example, dynamic_batch)
 
-    def compare(self, reference: Any, outputs: list[torch.Tensor], atol: float, where: str) -> tuple[float, float]:
+    def compare(self, reference: Any, outputs: list[torch.Tensor], atol: float, where: str, *, model: nn.Module,
+                x: Any, notes: list[str]) -> tuple[float, float]:
+        """(max |difference|, tolerance) of the file's ``outputs`` on ``x`` against PyTorch's ``reference``."""
         if self.detection:
             from cnnlab.export.detection import compare_detections
 
             return compare_detections(reference, outputs, atol, where)
-        return compare(reference, outputs, atol, where)
+        module = self.module or model
+        return compare(reference, outputs, atol, where, rerun=lambda: rerun_outputs(module, x), notes=notes)
 
 
 def refuse_existing(path: str | os.PathLike, overwrite: bool) -> Path:
@@ -164,10 +168,38 @@ def check_example(example: Any, dynamic_batch: bool) -> Any:
     return [torch.rand_like(t) for t in example]
 
 
-def compare(reference: Any, outputs: list[torch.Tensor], atol: float, where: str) -> tuple[float, float]:
+# A file whose outputs are within this factor of PyTorch float32's own error against float64 is as exact as float32
+# allows: its rounding may differ from PyTorch's (other kernels, other summation orders) but not be much larger.
+FLOAT32_ERROR_FACTOR = 2.0
+
+
+def rerun_outputs(model: nn.Module, x: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``model``'s outputs on ``x`` computed again, in float32 and in float64 (on a copy): what tells float32
+    rounding (the float64 run differs) from a model that does not repeat itself (the float32 rerun differs)."""
+    import copy
+
+    x64 = x.double() if isinstance(x, torch.Tensor) else [t.double() for t in x]
+    with torch.no_grad():
+        again = _tensors(model(x))
+        return again, _tensors(copy.deepcopy(model).double()(x64))
+
+
+def compare(reference: Any, outputs: list[torch.Tensor], atol: float, where: str, *,
+            rerun: Callable[[], tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None,
+            notes: list[str] | None = None) -> tuple[float, float]:
     """(max |difference|, tolerance): ``atol`` scaled by the reference's magnitude (fp32 logits of order 100 carry
-    errors 100x those of order 1); a different number or shape of outputs, or a difference above it, raises."""
+    errors 100x those of order 1); a different number or shape of outputs, or a difference above it, raises.
+
+    Above it, when ``rerun`` gives the model's outputs again in float32 and in float64 (:func:`rerun_outputs`),
+    the file still passes if its error against float64 is within FLOAT32_ERROR_FACTOR times PyTorch float32's
+    own, and PyTorch repeats itself (its rerun within a tenth of that error): over a very deep network
+    (preact_resnet1001's 1,001 layers) float32 rounding alone exceeds any fixed tolerance, and the export is not
+    what is wrong. Its tolerance is then what that implies for the difference from PyTorch, (1 + factor) x
+    PyTorch's own error, and a note in ``notes`` says so.
+    """
     expected = _tensors(reference)
+    again: list[torch.Tensor] | None = None
+    exact: list[torch.Tensor] = []
     if len(expected) != len(outputs):
         raise CnnlabError(f"{where} returns {len(outputs)} outputs, PyTorch {len(expected)}")
     worst, tolerance = 0.0, atol
@@ -187,10 +219,35 @@ def compare(reference: Any, outputs: list[torch.Tensor], atol: float, where: str
                               "the BatchNorm statistics first, or pass check=False")
         diff = (e - o).abs().max().item()
         scale = max(1.0, e.abs().max().item())
-        worst, tolerance = max(worst, diff), max(tolerance, atol * scale)
-        if not diff <= atol * scale:  # NaN fails too
+        bound = atol * scale
+        if not diff <= bound and rerun is not None and torch.isfinite(o).all() and again is None:
+            try:
+                again, exact = rerun()
+            except Exception:  # noqa: BLE001 - a model that cannot run in float64 (int8, say): the plain tolerance
+                again = []
+        if not diff <= bound and exact:
+            own, file_error = ((t - exact[i].cpu()).abs().max().item() for t in (e, o))
+            repeat = (e - again[i].detach().cpu().double()).abs().max().item()
+            if not repeat <= own / 10:  # what differs is not rounding: the model does not give the same output twice
+                raise CnnlabError(f"{where} differs from PyTorch by {diff:.3g} on output {i} (largest |value| "
+                                  f"{scale:.3g}); tolerance {bound:.3g}, and PyTorch itself gives outputs {repeat:.3g} "
+                                  "apart on the same input (randomness in eval mode?): the file was not written")
+            if file_error <= FLOAT32_ERROR_FACTOR * own:
+                bound = (1 + FLOAT32_ERROR_FACTOR) * own
+                if notes is not None:
+                    notes.append(f"output {i} differs from PyTorch by {diff:.3g}, above {atol:g} x max(1, |output|) = "
+                                 f"{atol * scale:.3g}, but PyTorch's own float32 error against float64 is {own:.3g} "
+                                 f"and the file's {file_error:.3g} ({file_error / own:.2f}x): as exact as float32 "
+                                 "allows here")
+            else:
+                raise CnnlabError(f"{where} differs from PyTorch by {diff:.3g} on output {i} (largest |value| "
+                                  f"{scale:.3g}); tolerance {bound:.3g}, and its error against float64, "
+                                  f"{file_error:.3g}, is {file_error / max(own, 1e-300):.3g}x PyTorch float32's own "
+                                  f"({own:.3g}; at most {FLOAT32_ERROR_FACTOR:g}x passes): the file was not written")
+        worst, tolerance = max(worst, diff), max(tolerance, bound)
+        if not diff <= bound:  # NaN fails too
             raise CnnlabError(f"{where} differs from PyTorch by {diff:.3g} on output {i} (largest |value| "
-                              f"{scale:.3g}); tolerance {atol * scale:.3g}: the file was not written")
+                              f"{scale:.3g}); tolerance {bound:.3g}: the file was not written")
     return worst, tolerance
 
 
@@ -223,8 +280,8 @@ def to_pt2(model: nn.Module, path: str | os.PathLike, *, input_size: Any = None,
                     loaded = torch.export.load(f).module()
                 with torch.no_grad():
                     reference, outputs = (traced.module or model)(x), loaded(x)
-                result.max_abs_diff, result.tolerance = traced.compare(reference, _tensors(outputs), atol,
-                                                                       "the .pt2 program")
+                result.max_abs_diff, result.tolerance = traced.compare(
+                    reference, _tensors(outputs), atol, "the .pt2 program", model=model, x=x, notes=result.notes)
 
         atomic_write(path, write)
     finally:
