@@ -10,10 +10,25 @@ def _cpuinfo() -> str | None:
         return None
 
 
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) below AVX512_CORE_BF16: its bf16 convolutions are then emulated, not native
+_ONEDNN_BELOW_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
 def cpu_has_bf16() -> bool:
-    """True where the CPU computes bf16 natively (AVX512-BF16 or AMX), so bf16 autocast is faster, not slower."""
+    """True where the CPU computes bf16 natively (AVX512-BF16 or AMX), so bf16 autocast is faster, not slower.
+
+    False too where the environment caps the kernels below that (``ATEN_CPU_CAPABILITY=avx2`` or
+    ``ONEDNN_MAX_CPU_ISA=AVX2``, say: how benchmarks/RESULTS.md emulates an AVX2 CPU on a newer one), so that the
+    emulated machine takes the path the real one would.
+    """
+    import os
+
     flags = _cpuinfo() or ""
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+    if not (" avx512_bf16" in flags or " amx_bf16" in flags):
+        return False
+    aten = os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower()
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")).strip().upper()
+    return aten not in ("default", "avx2") and onednn not in _ONEDNN_BELOW_BF16
 
 
 def int8_may_saturate() -> bool:
