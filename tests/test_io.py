@@ -32,3 +32,18 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     with pytest.raises(OSError, match="No space"):
         atomic_write(path, crash)
     assert path.read_text() == "epoch\n1\n" and os.listdir(tmp_path) == ["metrics.csv"]
+
+
+def test_an_exclusive_write_never_replaces_a_file(tmp_path, monkeypatch):
+    path = tmp_path / "config.json"
+    atomic_write_text(path, "first", exclusive=True)
+    with pytest.raises(FileExistsError):
+        atomic_write_text(path, "second", exclusive=True)
+    assert path.read_text() == "first" and os.listdir(tmp_path) == ["config.json"]  # no temporary left
+    # a file system without hard links: the same refusal, by a test before the rename
+    monkeypatch.setattr(os, "link", lambda *a: (_ for _ in ()).throw(PermissionError("no hard links here")))
+    with pytest.raises(FileExistsError):
+        atomic_write_text(path, "third", exclusive=True)
+    atomic_write_text(tmp_path / "new.json", "made", exclusive=True)
+    assert path.read_text() == "first" and (tmp_path / "new.json").read_text() == "made"
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "new.json"]

@@ -5,6 +5,7 @@ with ``os.replace`` (atomic on POSIX and Windows). A crash or a full disk leaves
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -25,8 +26,12 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
-    """Call ``write(tmp_path)`` to produce the file, then move it over ``path``."""
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], *, exclusive: bool = False) -> Path:
+    """Call ``write(tmp_path)`` to produce the file, then move it over ``path``.
+
+    ``exclusive``: never replace an existing ``path`` (a FileExistsError instead): the finished file is hard-linked
+    into place, which fails atomically if another process created it first.
+    """
     path = Path(path)
     if path.is_dir():  # os.replace would fail only after the work, with an IsADirectoryError
         raise CnnlabError(f"cannot write {path}: it is a folder; expected a file path")
@@ -39,15 +44,29 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the permissions open() would
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if exclusive:
+            _link_exclusive(tmp, path)
+        else:
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+def _link_exclusive(tmp: str, path: Path) -> None:
+    try:
+        os.link(tmp, path)  # FileExistsError when it exists: the atomic test-and-create
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: test, then rename (not atomic, the best it allows)
+        if path.exists():
+            raise FileExistsError(errno.EEXIST, "file exists", str(path)) from None
+        os.replace(tmp, path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, *, exclusive: bool = False) -> Path:
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), exclusive=exclusive)
 
 
 def atomic_savefig(fig: Any, path: str | os.PathLike, **kwargs: Any) -> Path:

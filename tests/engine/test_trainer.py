@@ -216,3 +216,24 @@ def test_resume_refuses_changed_settings_but_may_run_longer(tmp_path):
     train(tiny_config(tmp_path, name="step", epochs=1, schedule="step"))
     longer = train(tiny_config(tmp_path, name="step", epochs=2, schedule="step"), resume=True)
     assert len(longer.history) == 2  # a schedule that does not depend on the length: more epochs allowed
+
+
+def test_two_runs_racing_for_one_folder_do_not_mix(tmp_path, monkeypatch):
+    # two runs under one timestamped name, started in the same second: both find the folder free; the second to
+    # reach its first checkpoint must stop instead of writing over the first one's files
+    import cnnlab.engine.trainer as trainer
+
+    config = tiny_config(tmp_path, epochs=2)
+    run = tmp_path / "run"
+    check = trainer._check_run_folder
+
+    def the_other_run_claims_it(run_dir, resume):
+        check(run_dir, resume)  # free now...
+        run_dir.mkdir(parents=True)
+        (run_dir / "config.json").write_text('{"the": "other run"}')  # ...taken before this run's first epoch ends
+
+    monkeypatch.setattr(trainer, "_check_run_folder", the_other_run_claims_it)
+    with pytest.raises(CnnlabError, match="was taken by another run"):
+        train(config)
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"]
+    assert json.loads((run / "config.json").read_text()) == {"the": "other run"}

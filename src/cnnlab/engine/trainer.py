@@ -131,6 +131,17 @@ def train(config: TrainConfig, *, resume: bool = False, callbacks: Sequence[Epoc
         torch.set_num_threads(threads)  # config.threads holds for this run only
 
 
+def _claim_run_folder(run_dir: Path, config: TrainConfig) -> None:
+    """Write the run's config.json, unless another run has written one since this run checked the folder (two
+    runs started in the same second under a timestamped name, say): then stop before either is corrupted."""
+    try:
+        atomic_write_text(run_dir / "config.json", config.to_json(), exclusive=True)
+    except FileExistsError:
+        raise CnnlabError(f"run folder {run_dir} was taken by another run after this one started (the same name, "
+                          "started at the same time?); nothing of it was changed. Run again, or choose another name "
+                          "(--name / --set name=...)") from None
+
+
 def _check_run_folder(run_dir: Path, resume: bool) -> None:
     if not resume and (run_dir / "last.json").exists():
         raise CnnlabError(f"run folder {run_dir} already holds a run; resume it (--resume) or choose another name")
@@ -216,6 +227,8 @@ def _train(config: TrainConfig, resume: bool, callbacks: Sequence[EpochCallback]
     loop = _Loop(task, net, model, data, optimizer, ema, config, state, steps_per_epoch, device, amp, run_dir,
                  budget, env)
     stopped_early = False
+    # a resumed run's folder is its own; a new run (or an old one without config.json) claims it at its first checkpoint
+    owned = ckpt is not None and (run_dir / "config.json").exists()
     for epoch in range(state["epoch"], config.epochs):
         if state["planned_steps"] is not None and state["step"] >= state["planned_steps"]:
             break  # the time budget's steps are done
@@ -238,9 +251,10 @@ def _train(config: TrainConfig, resume: bool, callbacks: Sequence[EpochCallback]
         meta = dict(meta_base, **state, history=history)
         ema_state = ema.state() if ema is not None else None
         if env.is_main:
-            if not (run_dir / "config.json").exists():  # written with the first checkpoint: a run that fails
-                run_dir.mkdir(parents=True, exist_ok=True)  # before it leaves no folder behind
-                atomic_write_text(run_dir / "config.json", config.to_json())
+            if not owned:  # config.json is written with the first checkpoint: a run that fails before it
+                run_dir.mkdir(parents=True, exist_ok=True)  # leaves no folder behind
+                _claim_run_folder(run_dir, config)
+                owned = True
             if improved and data.val is not None:  # `best` exists only where validation chose it
                 save_checkpoint(run_dir, "best", eval_model, meta, None, None, data.preprocess_tensors)
             save_checkpoint(run_dir, "last", model, meta, optimizer, ema_state, data.preprocess_tensors)
