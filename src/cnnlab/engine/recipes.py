@@ -18,7 +18,7 @@ def demo_config(quick: bool = False, fp32: bool = False) -> TrainConfig:
         optim = OptimConfig(lr=0.05, label_smoothing=0.1)
         epochs = 10
     elif fp32:
-        # 0.59x fmnist_net's fp32 step: about 5.5 epochs fit in the budget of a 2-core AVX2 EPYC, where the
+        # ~0.6x fmnist_net's fp32 step: about 5.4 epochs fit in the budget of a 2-core AVX2 EPYC, where the
         # time budget cuts these 8 (and lays the one-cycle schedule over what fits); faster CPUs run all 8.
         # No pad-crop: so short a schedule underfits (5 epochs: 91.63% without, 90.77% with; RESULTS.md)
         # Peak rate 0.3, not 0.15: +0.3 points at 4 and 5 epochs (0.5 gives the same as 0.3; RESULTS.md).
