@@ -39,10 +39,11 @@ def test_fp32_cpus_train_the_cheaper_network(monkeypatch):
     assert config.data.crop_padding == 0  # a schedule this short underfits: no pad-crop (RESULTS.md, demo)
 
 
-def test_bf16_cpus_keep_todays_recipe(monkeypatch):
+def test_bf16_cpus_train_more_epochs_with_pad_crop(monkeypatch):
     config = _config_of_demo(monkeypatch, bf16=True)
-    assert (config.model.name, config.amp, config.epochs) == ("fmnist_net", "bf16", 9)
-    assert demo_config().model.name == "fmnist_net"  # the default is the bf16 / GPU recipe
+    assert (config.model.name, config.amp, config.epochs) == ("fmnist_fast", "bf16", 18)
+    assert config.data.crop_padding == 2 and config.optim.lr == 0.3
+    assert demo_config().epochs == 18  # the default is the bf16 / GPU recipe
 
 
 def test_the_budget_counts_from_the_process_start(monkeypatch):

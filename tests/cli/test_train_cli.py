@@ -82,7 +82,7 @@ def test_demo_quick_pipeline_runs(tmp_path, capsys):
     from cnnlab.engine.recipes import demo_config
 
     full = demo_config()
-    assert full.data.name == "fashion_mnist" and full.model.name == "fmnist_net" and full.epochs == 9
+    assert full.data.name == "fashion_mnist" and full.model.name == "fmnist_fast" and full.epochs == 18
     assert demo_config(quick=True).data.flip is False  # digits: no mirror images
     assert main(["demo", "--quick", "--out-dir", str(tmp_path), "--quiet", "--set", "epochs=1",
                  "--set", "data.train_limit=256", "--set", "plots=false", "--set", "threads=1"]) == 0
