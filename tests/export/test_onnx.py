@@ -60,16 +60,12 @@ def smallest_input(name: str) -> tuple[int, int, int]:
 
 
 def calibrate_batchnorm(model: nn.Module, size: tuple[int, int, int]) -> nn.Module:
-    """BatchNorm statistics of two random batches, as any training sets them: at random init (mean 0, variance 1)
-    eval-mode BN normalises nothing and preact_resnet1001's residual stream overflows float32."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # a cumulative average: the two batches' statistics, not 19% of them
-    model.train()
-    with torch.no_grad():
-        for _ in range(2 if norms else 0):
-            model(torch.randn(4, *size))
+    """BatchNorm statistics of two random batches, as any training sets them (torch's ``update_bn``: a cumulative
+    average): at random init (mean 0, variance 1) eval-mode BN normalises nothing and preact_resnet1001's residual
+    stream overflows float32."""
+    from torch.optim.swa_utils import update_bn
+
+    update_bn([torch.randn(4, *size) for _ in range(2)], model)
     return model.eval()
 
 
