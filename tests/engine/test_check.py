@@ -53,6 +53,16 @@ def test_a_far_too_small_rate_fails_the_overfit_check():
     assert result.failed and result.suggested_lr is not None and result.suggested_lr > 1e-5
 
 
+def test_a_loss_that_falls_slowly_is_a_warning():
+    """lr 1e-3 for 5 steps: the loss falls by ~0.5% (smooth in the rate over so few steps, on any CPU): between
+    rounding (0.1%) and a healthy start (1%), so check 1 warns instead of failing."""
+    result = check(_config("optim.lr=0.001"), sample_size=16, fall_steps=5, overfit_steps=10, lr_steps=10,
+                   say=lambda s: None)
+    initial = result.steps[0]
+    assert initial.verdict == "WARN" and 0.001 < initial.numbers["fell"] < 0.01, initial.line()
+    assert "falls only slowly" in initial.message
+
+
 def test_a_frozen_model_fails():
     frozen = _config('model.freeze=["stages", "dense", "fc"]')
     result = check(frozen, sample_size=16, overfit_steps=20, lr_steps=20, say=lambda s: None)
