@@ -2,6 +2,7 @@
 
     # emulate the 2-core AVX2 EPYC without bf16 on a newer x86 CPU (check the first lines printed)
     export ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+    export TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)  # with compile: never the uncapped process's kernels
     python benchmarks/bench_demo.py steps fmnist_net fmnist_fast [--contiguous] [--batch-size 256]
     python benchmarks/bench_demo.py curve --out curve.json --set model.name=fmnist_fast --set epochs=5
 
