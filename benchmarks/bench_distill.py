@@ -11,7 +11,11 @@ to 32x32 (LeNet-5's input) for teacher and students alike. Printed: the teacher'
 student run's, and the mean +- std (sample std, n=3) of each arm, with the wall time.
 
     python benchmarks/bench_distill.py [--train-limit 10000] [--epochs 10] [--teacher-epochs 2] [--alpha 0.5 0.9]
-        [--teacher-run RUN] [--threads 1]
+        [--teacher-run RUN] [--threads 1] [--val-fraction 0.1]
+
+With ``--val-fraction``, every student holds that share of its images out as a validation split (its reported
+weights are then the best epoch by validation loss), and the distilled arm compared with the student alone is the
+one with the best mean validation accuracy: alpha is chosen without looking at the test split.
 
 The run folders stay under ``--out`` (default a temporary folder) for inspection.
 """
@@ -28,7 +32,8 @@ from _bench import cpu_name  # noqa: E402  (benchmarks/_bench.py)
 
 
 def recipe(out: str, name: str, model: str, epochs: int, seed: int, args: argparse.Namespace, *,
-           optimizer: str = "sgd", lr: float = 0.1, train_limit: int | None = None, amp: str | None = None):
+           optimizer: str = "sgd", lr: float = 0.1, train_limit: int | None = None, amp: str | None = None,
+           val_fraction: float = 0.0):
     from cnnlab.engine.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 
     # the demo's recipe (flip, 2-pixel pad-and-crop, SGD Nesterov, one-cycle), without label smoothing: a
@@ -36,7 +41,7 @@ def recipe(out: str, name: str, model: str, epochs: int, seed: int, args: argpar
     return TrainConfig(model=ModelConfig(name=model),
                        data=DataConfig(name="fashion_mnist", batch_size=128, image_size=32, flip=True, crop_padding=2,
                                        train_limit=args.train_limit if train_limit is None else train_limit,
-                                       num_workers=0),
+                                       num_workers=0, val_fraction=val_fraction),
                        optim=OptimConfig(optimizer=optimizer, lr=lr, schedule="onecycle", weight_decay=5e-4),
                        epochs=epochs, seed=seed, device="cpu", amp=amp or args.amp, threads=args.threads,
                        out_dir=out, name=name, quiet=True, plots=False)
@@ -66,6 +71,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--amp", default="none", help="none (fp32) or bf16 (autocast)")
     p.add_argument("--out", default=None, help="folder for the run folders (default: a temporary one)")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="students' validation split; the distilled arm is then chosen on it (not on the test split)")
     args = p.parse_args()
     out = args.out or tempfile.mkdtemp(prefix="bench_distill_")
     print(f"CPU: {cpu_name()}, torch {torch.__version__}, threads {args.threads}, "
@@ -85,18 +92,23 @@ def main() -> None:
         print(f"teacher {args.teacher}: test accuracy {teacher.test.accuracy:.4f} ({teacher.wall_s:.0f} s)", flush=True)
     arms = {"alone": None, **{f"distilled a={a}": a for a in args.alpha}}
     accuracy: dict[str, list[float]] = {arm: [] for arm in arms}
+    val_accuracy: dict[str, list[float]] = {arm: [] for arm in arms}
     for seed in range(args.seeds):
         for arm, alpha in arms.items():
             config = recipe(out, f"{arm.replace(' ', '-').replace('=', '')}-{seed}", args.student, args.epochs, seed,
-                            args, optimizer=args.student_optimizer, lr=args.student_lr)
+                            args, optimizer=args.student_optimizer, lr=args.student_lr, val_fraction=args.val_fraction)
             config.model.options = {"init": args.student_init} if args.student_init else {}
             if alpha is not None:
                 config.distill.teacher = str(teacher_dir)
                 config.distill.temperature, config.distill.alpha = args.temperature, alpha
             result = train(config)
             accuracy[arm].append(result.test.accuracy)
-            print(f"  seed {seed} {arm:>16}: test accuracy {result.test.accuracy:.4f} ({result.wall_s:.0f} s)",
-                  flush=True)
+            val = result.history[result.best_epoch - 1].get("val_acc") if args.val_fraction else None
+            if val is not None:
+                val_accuracy[arm].append(val)
+            print(f"  seed {seed} {arm:>16}: test accuracy {result.test.accuracy:.4f}"
+                  + (f", val accuracy {val:.4f} (epoch {result.best_epoch})" if val is not None else "")
+                  + f" ({result.wall_s:.0f} s)", flush=True)
     for arm, values in accuracy.items():
         std = statistics.stdev(values) if len(values) > 1 else 0.0
         print(f"{args.student} {arm:>16}: {statistics.mean(values):.4f} +- {std:.4f} over {len(values)} seeds "
@@ -104,6 +116,12 @@ def main() -> None:
     for arm in list(arms)[1:]:
         gain = statistics.mean(accuracy[arm]) - statistics.mean(accuracy["alone"])
         print(f"{arm}, T={args.temperature}: {gain * 100:+.2f} points over the student alone")
+    if args.val_fraction:
+        for arm, values in val_accuracy.items():
+            print(f"{args.student} {arm:>16}: validation {statistics.mean(values):.4f} (mean over {len(values)} seeds)")
+        chosen = max(list(arms)[1:], key=lambda a: statistics.mean(val_accuracy[a]))
+        gain = statistics.mean(accuracy[chosen]) - statistics.mean(accuracy["alone"])
+        print(f"chosen on validation: {chosen}; on the test split {gain * 100:+.2f} points over the student alone")
     print(f"total {time.perf_counter() - t0:.0f} s")
     Path(out, "bench_distill.txt").write_text(f"{accuracy}\n")
 
