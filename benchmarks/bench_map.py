@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import platform
 import time
 
 import numpy as np
+
+from cnnlab._platform import cpu_flags, cpu_name
 
 
 def make_set(n_images: int, n_dets: int, n_classes: int, seed: int) -> tuple[list[dict], list[dict]]:
@@ -75,18 +76,6 @@ def run_pycocotools(gt, results) -> np.ndarray:
     return ev.stats
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return platform.processor()
-    name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "?")
-    flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
-    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{name} ({' '.join(wanted) or 'no avx2'})"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=5000)
@@ -99,7 +88,7 @@ def main() -> None:
     from cnnlab.detection.metrics import evaluate
 
     predictions, targets = make_set(args.images, args.dets, args.classes, args.seed)
-    print(f"cpu: {cpu_name()}")
+    print(f"cpu: {cpu_name()} ({cpu_flags(('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16'))})")
     print(f"set: {args.images} images x {args.dets} detections, {args.classes} classes, "
           f"{sum(len(t['labels']) for t in targets)} gt boxes")
     start = time.perf_counter()

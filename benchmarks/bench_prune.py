@@ -28,18 +28,12 @@ from cnnlab.engine import train
 from cnnlab.engine.recipes import demo_config
 from cnnlab.engine.tasks import get_task
 from cnnlab.analysis import summary
-from _bench import median_ms  # noqa: E402  (benchmarks/_bench.py)
+from _bench import cpu_flags, cpu_name, median_ms  # noqa: E402  (benchmarks/_bench.py)
 
 
 def cpu_line() -> str:
-    name, flags = "unknown CPU", set()
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            name = line.split(":", 1)[1].strip()
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-    wanted = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags]
-    return f"{name}, {torch.get_num_threads()} threads, flags: {' '.join(wanted)}"
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    return f"{cpu_name()}, {torch.get_num_threads()} threads, flags: {cpu_flags(wanted)}"
 
 
 def latency_only(args) -> None:

@@ -7,7 +7,8 @@ Each model is trained briefly on Fashion-MNIST with the demo's recipe (``demo_co
 ``--train-limit`` shorten it), or taken from ``--run``. Calibration: ``--calibration-batches`` batches of 32
 training images (not augmented). Prints one Markdown row per (model, path, batch): median latency (ms) of
 ``--repeats`` calls after warm-up, speed-up over fp32 eager, the Fashion-MNIST test accuracy of that path
-(whole test split) and the share of test images where its top-1 class is fp32's. Issue 12 item 3 target: int8 >= 2x faster than fp32 eager at batch 1 and 32, <= 0.5 points lost.
+(whole test split) and the share of test images where its top-1 class is fp32's. Issue 12 item 3 target: int8
+>= 2x faster than fp32 eager at batch 1 and 32, <= 0.5 points lost.
 """
 from __future__ import annotations
 

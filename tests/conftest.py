@@ -19,13 +19,9 @@ def pytest_sessionstart(session):
     import shutil
     import tempfile
 
-    from cnnlab._platform import _cpuinfo, cpu_has_bf16
+    from cnnlab._platform import cpu_flags, cpu_has_bf16, cpu_name
 
-    lines = (_cpuinfo() or "").splitlines()
-    name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "unknown CPU")
-    flags = set(next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), []))
-    vector = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags) or "no AVX2"
-    reporter.write_line(f"cpu: {name} [{vector}], {os.cpu_count()} cores; native bf16: "
+    reporter.write_line(f"cpu: {cpu_name()} [{cpu_flags()}], {os.cpu_count()} cores; native bf16: "
                         f"{'yes' if cpu_has_bf16() else 'no'}; torch {torch.__version__}, kernels "
                         f"{torch.backends.cpu.get_cpu_capability()}; "
                         f"{shutil.disk_usage(tempfile.gettempdir()).free / 2**30:.1f} GiB free in {tempfile.gettempdir()}")

@@ -44,3 +44,14 @@ def test_an_emulated_older_cpu_is_taken_at_its_word(cpu, monkeypatch, var, value
     cpu(ZEN4)
     monkeypatch.setenv(var, value)
     assert _platform.cpu_has_bf16() is native
+
+
+def test_cpu_name_and_flags_read_cpuinfo(cpu):
+    cpu("processor\t: 0\nmodel name\t: AMD EPYC 9654\n" + ZEN4)
+    assert _platform.cpu_name() == "AMD EPYC 9654"
+    assert _platform.cpu_flags() == "avx2 avx512f avx512_vnni avx512_bf16"  # in VECTOR_FLAGS' order
+    assert _platform.cpu_flags(("fma", "amx_bf16")) == "fma"
+    cpu(AVX2_ONLY)
+    assert _platform.cpu_flags(("amx_bf16",)) == "none of amx_bf16"
+    cpu(None)  # not Linux: the platform module's name, flags none
+    assert isinstance(_platform.cpu_name(), str) and _platform.cpu_flags().startswith("none of")

@@ -10,6 +10,27 @@ def _cpuinfo() -> str | None:
         return None
 
 
+# the vector units that decide the fast paths (benchmarks/RESULTS.md writes them beside every figure)
+VECTOR_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def _cpuinfo_field(key: str) -> str:
+    return next((ln.split(":", 1)[1].strip() for ln in (_cpuinfo() or "").splitlines() if ln.startswith(key)), "")
+
+
+def cpu_name() -> str:
+    """The CPU model ('AMD EPYC', 'Intel(R) Xeon(R) ...')."""
+    import platform
+
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
+
+
+def cpu_flags(wanted: tuple[str, ...] = VECTOR_FLAGS) -> str:
+    """The flags of ``wanted`` this CPU has, space-separated ('none of them' without any)."""
+    have = set(_cpuinfo_field("flags").split())
+    return " ".join(f for f in wanted if f in have) or "none of " + ", ".join(wanted)
+
+
 # oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) below AVX512_CORE_BF16: its bf16 convolutions are then emulated, not native
 _ONEDNN_BELOW_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
 
