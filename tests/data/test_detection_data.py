@@ -133,9 +133,29 @@ def test_train_limit_and_batch_sizes(tmp_path):
 
 def test_classification_augmentations_are_refused(tmp_path):
     path = _coco_many(tmp_path)
-    for bad in (dict(rotate=10.0), dict(mixup=0.2), dict(vflip=True), dict(scale=[0.8, 1.2])):
+    for bad in (dict(rotate=10.0), dict(mixup=0.2), dict(shear=5.0)):
         with pytest.raises(CnnlabError, match="do not apply to detection data"):
             build_detection_data(cfg(f"coco:{path}", **bad), "cpu")
+
+
+def test_vflip_and_scale_move_the_boxes(tmp_path):
+    path = _coco_many(tmp_path, n=30)  # 40 x 20 images; image k's box x 1..(4 + k), y 2..6 (see _coco_many)
+    plain = build_detection_data(cfg(f"coco:{path}", batch_size=4), "cpu", seed=3)
+    original = {t["image_id"]: t["boxes"].tolist() for _, ts in plain.train for t in ts}
+    b = build_detection_data(cfg(f"coco:{path}", batch_size=4, vflip=True), "cpu", seed=3)
+    moved = 0
+    for _, targets in b.train:
+        for t in targets:
+            (x1, y1, x2, y2), = original[t["image_id"]]
+            assert t["boxes"].tolist() in ([[x1, y1, x2, y2]], [[x1, 20 - y2, x2, 20 - y1]])
+            moved += t["boxes"].tolist() != [[x1, y1, x2, y2]]
+    assert 0 < moved < len(original)
+    b = build_detection_data(cfg(f"coco:{path}", batch_size=4, scale=[0.5, 0.5]), "cpu", seed=3)
+    for _, targets in b.train:
+        for t in targets:
+            (x1, y1, x2, y2), = original[t["image_id"]]
+            assert t["boxes"].tolist() == [pytest.approx([20 + (x1 - 20) / 2, 10 + (y1 - 10) / 2,
+                                                          20 + (x2 - 20) / 2, 10 + (y2 - 10) / 2])]
 
 
 def test_degenerate_boxes_are_dropped_with_a_warning(tmp_path):
@@ -245,5 +265,8 @@ def test_fashion_det_bundle_flips_images_and_boxes_together(tmp_path, monkeypatc
                 assert torch.equal(t["boxes"], mirrored)
                 flipped += 1
     assert flipped > 5 and same > 5
+    for extra in (dict(vflip=True), dict(scale=[0.8, 1.2]), dict(jitter=0.2)):
+        with pytest.raises(CnnlabError, match=r"do not apply to fashion_det .*use data\.flip"):
+            build_detection_data(cfg("fashion_det", root=str(tmp_path), **extra), "cpu")
     limited = build_detection_data(cfg("fashion_det", root=str(tmp_path), batch_size=8, train_limit=20), "cpu")
     assert len(limited.train) == 2 and len(ids(limited.train)) == 16

@@ -40,6 +40,33 @@ def test_flip_moves_box_and_mask_with_the_image():
     assert out["labels"].tolist() == [3] and out["image_id"] == 7
 
 
+def test_vertical_flip_moves_box_and_mask_with_the_image():
+    image, target = _item()
+    out_image, out = detection_transforms(JointAugment(hflip=0.0, vflip=1.0))(image, target)
+    assert out["boxes"].tolist() == [[5, 10, 15, 18]]  # y -> H - y on a 20-high image: [2, 10] -> [10, 18]
+    lit = (out_image[0] > 0).nonzero()
+    assert lit[:, 0].min() == 10 and lit[:, 0].max() == 17 and lit[:, 1].min() == 5 and lit[:, 1].max() == 14
+    assert torch.equal(out["masks"][0].bool(), out_image[0] > 0)
+
+
+@pytest.mark.parametrize("factor", [0.5, 2.0])
+def test_scale_zooms_about_the_centre_and_keeps_the_canvas(factor):
+    image, target = _item()  # box x 5..15, y 2..10 on 40 x 20; the centre is (20, 10)
+    out_image, out = detection_transforms(JointAugment(hflip=0.0, scale=(factor, factor)))(image, target)
+    assert out_image.shape == (3, 20, 40) and out["boxes"].canvas_size == (20, 40)
+    expected = [20 + (5 - 20) * factor, 10 + (2 - 10) * factor, 20 + (15 - 20) * factor, 10 + (10 - 10) * factor]
+    expected = [max(0.0, min(v, 40.0 if i % 2 == 0 else 20.0)) for i, v in enumerate(expected)]  # clamped
+    assert out["boxes"].tolist() == [pytest.approx(expected)]
+    lit = (out_image[0] > 0.5).nonzero()  # the bright pixels still fill the box, to the pixel the warp rounds to
+    edges = [lit[:, 1].min(), lit[:, 0].min(), lit[:, 1].max() + 1, lit[:, 0].max() + 1]
+    assert all(abs(float(e) - v) <= 0.5 for e, v in zip(edges, expected)), (edges, expected)
+    _, seg = segmentation_transforms(JointAugment(hflip=0.0, scale=(factor, factor)))(
+        image, {"mask": target["masks"]})  # a mask moves with it, padded with the ignore index
+    assert torch.equal(seg["mask"][0] == 1, out_image[0] > 0.5)
+    if factor < 1:
+        assert seg["mask"][0, 0, 0] == 255
+
+
 def test_resize_scales_box_and_mask_exactly():
     image, target = _item()
     out_image, out = detection_transforms(JointAugment(hflip=0.0, resize=(40, 80)), train=False)(image, target)
@@ -130,6 +157,8 @@ def test_segmentation_resize_uses_nearest_labels(tmp_path):
     ({"resize": -3}, r"augment\.resize must be a positive shorter side"),
     ({"random_resize": [40, 20]}, r"augment\.random_resize must be \(min, max\)"),
     ({"crop": [10]}, r"augment\.crop must be \(H, W\)"),
+    ({"vflip": True}, r"augment\.vflip must be a probability"),
+    ({"scale": [1.2, 0.8]}, r"augment\.scale must be \(lo, hi\) zoom factors"),
     ({"min_box_size": 0}, r"augment\.min_box_size must be >= 1"),
     ({"max_size": 100}, r"augment\.max_size .* needs an integer resize"),
     ({"hlfip": 0.5}, r"unknown augment option 'hlfip'; did you mean hflip"),

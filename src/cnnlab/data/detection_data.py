@@ -8,9 +8,11 @@ per-box fields), already on the device. Names: ``fashion_det`` (tensor-resident,
 Splits of ``voc:``/``coco:`` (see docs/data_detection.md): the files' own splits when present, else every
 image in file order (VOC: sorted names; COCO: the JSON's ``images``) with index ``i % 10 == 4`` is val,
 ``i % 10 == 9`` test, the rest train.
-Augmentation (training only): ``data.flip`` -> horizontal flip (p = 0.5), ``data.jitter > 0`` ->
-``RandomPhotometricDistort`` (p = 0.5); the other ``data.*`` augmentations are refused for detection (they
-would move pixels without the boxes). ``data.normalize``/``image_size`` do not apply: detectors normalise and
+Augmentation (training only): ``data.flip`` / ``data.vflip`` -> horizontal / vertical flip (p = 0.5 each),
+``data.scale=(lo, hi)`` -> a zoom by a factor drawn in [lo, hi] with the canvas kept (``RandomAffine``; boxes
+that leave it are dropped), ``data.jitter > 0`` -> ``RandomPhotometricDistort`` (p = 0.5); the tensor-resident
+``fashion_det`` takes ``data.flip`` only. The other ``data.*`` augmentations are refused for detection (they
+would move pixels without the boxes, or mix labels). ``data.normalize``/``image_size`` do not apply: detectors normalise and
 resize inside their own transform. ``data.train_limit`` keeps the first N training images of the split.
 
 Order and augmentation are fixed by ``(seed, epoch)``: ``train.set_epoch(e)`` reseeds the sampler, and each
@@ -37,8 +39,7 @@ from cnnlab.data.fashion_det import FASHION_CLASSES, FashionDetConfig, load_fash
 from cnnlab.data.joint_transforms import JointAugment, detection_transforms
 
 # batched classification augmentations that move pixels without boxes (or mix labels): refused, not ignored
-REFUSED = ("vflip", "crop_padding", "resized_crop_scale", "rotate", "translate", "scale", "shear", "hue",
-           "cutout", "mixup", "cutmix")
+REFUSED = ("crop_padding", "resized_crop_scale", "rotate", "translate", "shear", "hue", "cutout", "mixup", "cutmix")
 
 _EPOCH_MIX = 1_000_003  # the classification loaders' (seed, epoch) mixing, kept the same
 FASHION_DET_CONFIG = FashionDetConfig()  # the canvases --data fashion_det trains on (see fashion_det.py)
@@ -50,8 +51,11 @@ def _augment(config: DataConfig) -> JointAugment:
     refused = [n for n in REFUSED if norm(getattr(config, n)) != norm(getattr(default, n))]
     if refused:
         raise CnnlabError(f"data.{', data.'.join(refused)} do not apply to detection data (they would move the "
-                          "pixels without the boxes, or mix labels); use data.flip and data.jitter")
-    return JointAugment(hflip=0.5 if config.flip else 0.0, photometric=0.5 if config.jitter else 0.0)
+                          "pixels without the boxes, or mix labels); use data.flip, data.vflip, data.scale and "
+                          "data.jitter")
+    scale = tuple(config.scale)
+    return JointAugment(hflip=0.5 if config.flip else 0.0, vflip=0.5 if config.vflip else 0.0,
+                        photometric=0.5 if config.jitter else 0.0, scale=None if scale == (1.0, 1.0) else scale)
 
 
 def _local_batch(batch_size: int, world_size: int) -> int:
@@ -210,9 +214,13 @@ def _bundle(train: Any, val: Any, test: Any, classes: list[str], shape: tuple[in
 
 def _build_fashion_det(config: DataConfig, device: torch.device, seed: int) -> DataBundle:
     splits = load_fashion_det(FASHION_DET_CONFIG, root=config.root, download=config.download)
-    hflip = _augment(config).hflip
-    if config.jitter:
-        raise CnnlabError("data.jitter does not apply to fashion_det (grey canvases); use data.flip")
+    augment = _augment(config)
+    extra = [n for n, on in (("jitter", augment.photometric), ("vflip", augment.vflip), ("scale", augment.scale))
+             if on]
+    if extra:
+        raise CnnlabError(f"data.{', data.'.join(extra)} do not apply to fashion_det (grey canvases flipped on the "
+                          "device, their items upright); use data.flip")
+    hflip = augment.hflip
 
     def wrap(c: Any, train: bool) -> TensorDetectionBatches:
         n = min(config.train_limit, len(c)) if train and config.train_limit else len(c)

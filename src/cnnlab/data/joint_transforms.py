@@ -29,9 +29,12 @@ class JointAugment:
 
     Args:
         hflip: probability of a horizontal flip.
+        vflip: probability of a vertical flip (aerial and microscope images have no "up").
         photometric: probability of ``RandomPhotometricDistort`` (brightness, contrast, saturation, hue).
         zoom_out: probability of ``RandomZoomOut`` (SSD's expansion, canvas up to ``zoom_out_max`` times).
         iou_crop: SSD's ``RandomIoUCrop`` (crops keeping boxes at a minimum IoU); detection only.
+        scale: (lo, hi) zoom factor drawn per image, the canvas kept (``RandomAffine(scale=...)``, ultralytics'
+            ``scale``): below 1 the image shrinks inside a ``fill`` border, above 1 it is cropped; or None.
         random_resize: (min, max) shorter side drawn per image (multi-scale training), or None.
         resize: shorter side (int) or exact (H, W) after augmentation, also at evaluation; None keeps the size.
         max_size: longer-side cap when ``resize`` is an int.
@@ -42,10 +45,12 @@ class JointAugment:
     """
 
     hflip: float = 0.5
+    vflip: float = 0.0
     photometric: float = 0.0
     zoom_out: float = 0.0
     zoom_out_max: float = 4.0
     iou_crop: bool = False
+    scale: tuple[float, float] | None = None
     random_resize: tuple[int, int] | None = None
     resize: int | tuple[int, int] | None = None
     max_size: int | None = None
@@ -54,7 +59,7 @@ class JointAugment:
     min_box_size: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("hflip", "photometric", "zoom_out"):
+        for name in ("hflip", "vflip", "photometric", "zoom_out"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise CnnlabError(f"augment.{name} must be a probability in [0, 1], got {value!r}")
@@ -63,6 +68,11 @@ class JointAugment:
                               f"got {self.zoom_out_max!r}")
         if not isinstance(self.iou_crop, bool):
             raise CnnlabError(f"augment.iou_crop must be true or false, got {self.iou_crop!r}")
+        if self.scale is not None:
+            ok = (isinstance(self.scale, (tuple, list)) and len(self.scale) == 2
+                  and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in self.scale))
+            if not ok or not 0 < self.scale[0] <= self.scale[1]:
+                raise CnnlabError(f"augment.scale must be (lo, hi) zoom factors with 0 < lo <= hi, got {self.scale!r}")
         _check_pair(self.random_resize, "random_resize", ordered=True)
         if isinstance(self.resize, int) and not isinstance(self.resize, bool):
             if self.resize <= 0:
@@ -118,6 +128,13 @@ def _resize(cfg: JointAugment) -> list[T.Transform]:
     return [T.Resize(size, max_size=cfg.max_size, antialias=True)]
 
 
+def _scale(cfg: JointAugment, fill: Any) -> list[T.Transform]:
+    if cfg.scale is None or tuple(cfg.scale) == (1.0, 1.0):
+        return []
+    # an affine map with scale only moves every box corner exactly; SanitizeBoundingBoxes drops what leaves
+    return [T.RandomAffine(degrees=0.0, scale=tuple(float(v) for v in cfg.scale), fill=fill)]
+
+
 _TO_FLOAT = T.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True)  # masks, boxes unchanged
 
 
@@ -139,10 +156,13 @@ def detection_transforms(cfg: JointAugment | None = None, train: bool = True) ->
                                          side_range=(1.0, float(cfg.zoom_out_max)), p=cfg.zoom_out))
         if cfg.iou_crop:
             steps.append(T.RandomIoUCrop())
+        steps += _scale(cfg, {tv_tensors.Image: cfg.fill, "others": 0})
         if cfg.random_resize:
             steps.append(T.RandomResize(cfg.random_resize[0], cfg.random_resize[1] + 1, antialias=True))
         if cfg.hflip:
             steps.append(T.RandomHorizontalFlip(p=cfg.hflip))
+        if cfg.vflip:
+            steps.append(T.RandomVerticalFlip(p=cfg.vflip))
         if cfg.crop:
             steps.append(T.RandomCrop(list(cfg.crop), pad_if_needed=True,
                                       fill={tv_tensors.Image: cfg.fill, "others": 0}))
@@ -169,10 +189,13 @@ def segmentation_transforms(cfg: JointAugment | None = None, train: bool = True,
             steps.append(T.RandomPhotometricDistort(p=cfg.photometric))
         if cfg.zoom_out:
             steps.append(T.RandomZoomOut(fill=fill, side_range=(1.0, float(cfg.zoom_out_max)), p=cfg.zoom_out))
+        steps += _scale(cfg, fill)
         if cfg.random_resize:
             steps.append(T.RandomResize(cfg.random_resize[0], cfg.random_resize[1] + 1, antialias=True))
         if cfg.hflip:
             steps.append(T.RandomHorizontalFlip(p=cfg.hflip))
+        if cfg.vflip:
+            steps.append(T.RandomVerticalFlip(p=cfg.vflip))
         if cfg.crop:
             steps.append(T.RandomCrop(list(cfg.crop), pad_if_needed=True, fill=fill))
     steps += _resize(cfg)

@@ -335,11 +335,10 @@ def folder_transforms(aug: SegAugment, size: int | None, train: bool, ignore_ind
     if not train:
         return segmentation_transforms(JointAugment(hflip=0.0, resize=size), train=False, ignore_index=ignore_index)
     lo, hi = aug.scale or (1.0, 1.0)
-    cfg = JointAugment(hflip=aug.hflip, photometric=aug.photometric,
+    cfg = JointAugment(hflip=aug.hflip, vflip=aug.vflip, photometric=aug.photometric,
                        random_resize=(max(1, round(size * lo)), max(1, round(size * hi))) if size else None,
                        crop=(size, size) if size else None)
-    pipeline = segmentation_transforms(cfg, train=True, ignore_index=ignore_index)
-    return T.Compose([T.RandomVerticalFlip(aug.vflip), pipeline]) if aug.vflip else pipeline
+    return segmentation_transforms(cfg, train=True, ignore_index=ignore_index)
 
 
 def _read_classes(root: Path) -> list[str] | None:
