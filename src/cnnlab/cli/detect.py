@@ -25,6 +25,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", choices=("best", "last"), help="of a run folder (default: the one it reported)")
     p.add_argument("--model", help="with a weights file: the registered detection model it belongs to")
     p.add_argument("--classes", help="with a weights file: the class names of labels 1..K, comma-separated")
+    p.add_argument("--tile", type=int, default=None, metavar="PX",
+                   help="detect on overlapping PX x PX windows of each image, merged (for images larger than the "
+                        "model's input: aerial scenes); default: the run's data.eval_tile, else whole images; 0: off")
+    p.add_argument("--tile-overlap", type=finite_float, default=None, metavar="F",
+                   help="share of a window its neighbours overlap, in [0, 1) (default: the run's, else 0.25); make "
+                        "F x PX at least the largest object's side")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_detect)
 
@@ -60,7 +66,8 @@ def load_detector(args: argparse.Namespace):
             raise CnnlabError(f"{args.source} is a {run.task} run; cnnlab detect needs a detection run "
                               f"(`cnnlab models --task detection`); use cnnlab predict for {run.task}")
         return run.model, run.classes, {"run": str(source), "checkpoint": run.tag, "epoch": run.epoch,
-                                        "model": run.config.model.name}
+                                        "model": run.config.model.name, "eval_tile": run.config.data.eval_tile,
+                                        "eval_tile_overlap": run.config.data.eval_tile_overlap}
     if not source.exists():
         raise CnnlabError(f"{args.source} does not exist; expected a detection run folder, one of its checkpoints "
                           "(RUN/best.safetensors) or a weights file with --model and --classes")
@@ -89,7 +96,9 @@ def cmd_detect(args: argparse.Namespace) -> int:
 
     from cnnlab._errors import CnnlabError
     from cnnlab._io import atomic_write_text, dumps_json
+    from cnnlab._tiles import check_tiling
     from cnnlab.data.folder import read_image
+    from cnnlab.detection.tiling import predict_tiled
     from cnnlab.engine.tasks.detection import draw_detections
     from cnnlab.engine.trainer import resolve_device
 
@@ -101,7 +110,17 @@ def cmd_detect(args: argparse.Namespace) -> int:
     clashes = [p for p, n in zip(args.images, names) if (out / n).resolve() == Path(p).resolve()]
     if clashes:
         raise CnnlabError(f"--out {args.out} would overwrite the input {clashes[0]}; choose another --out folder")
+    flags = ("--tile", "--tile-overlap")  # given flags are checked before any work
+    if args.tile is not None and args.tile < 0:
+        raise CnnlabError(f"--tile must be >= 0 pixels (0: whole images), got {args.tile}")
+    if args.tile or args.tile_overlap is not None:
+        check_tiling(args.tile or 1, 0.25 if args.tile_overlap is None else args.tile_overlap, flags)
     model, classes, where = load_detector(args)
+    run_tile, run_overlap = where.pop("eval_tile", 0), where.pop("eval_tile_overlap", 0.25)
+    tile = run_tile if args.tile is None else args.tile
+    overlap = run_overlap if args.tile_overlap is None else args.tile_overlap
+    if tile:
+        where.update(tile=tile, tile_overlap=overlap)
     device = resolve_device(args.device)
     model = model.to(device).eval()
     out.mkdir(parents=True, exist_ok=True)
@@ -109,7 +128,9 @@ def cmd_detect(args: argparse.Namespace) -> int:
     for path, name, image in zip(args.images, names, images):
         t0 = time.perf_counter()
         with torch.no_grad():
-            prediction = {k: v.cpu() for k, v in model([image.to(device).float() / 255])[0].items()}
+            x = image.to(device).float() / 255
+            found_raw = predict_tiled(model, x, tile, overlap) if tile else model([x])[0]
+            prediction = {k: v.cpu() for k, v in found_raw.items()}
         seconds = time.perf_counter() - t0
         keep = prediction["scores"] >= args.score_thresh
         kept = {k: v[keep] for k, v in prediction.items()}

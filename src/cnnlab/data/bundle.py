@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from cnnlab._errors import CnnlabError
 from cnnlab.data import augment as A
 from cnnlab.data import datasets as D
-from cnnlab.data.config import DataConfig, is_detection_data, is_segmentation_data
+from cnnlab.data.config import DataConfig, is_detection_data, is_segmentation_data, refuse_eval_tile
 from cnnlab.data.folder import ImageFolder, folder_loader, folder_splits, read_image
 from cnnlab.data.loader import TensorLoader, prepare_batch
 from cnnlab.data.preprocess import Normalize, PCAWhiten
@@ -57,6 +57,7 @@ class DataBundle:
         preprocess_tensors: the tensors it needs beyond that (PCA/ZCA mean and matrix), saved in the
             checkpoint's safetensors; :func:`preprocess_from_state` rebuilds it from both.
         test_images: uint8 test images (tensor datasets), for the misclassified-examples grid.
+        eval_tiles: detection: ``(tile_size, overlap)`` when val/test images are evaluated by tiles, else None.
     """
 
     train: Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -68,6 +69,7 @@ class DataBundle:
     preprocess_state: dict[str, Any]
     test_images: torch.Tensor | None = None
     preprocess_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    eval_tiles: tuple[int, float] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -202,6 +204,7 @@ def build_data(config: DataConfig, device: torch.device, *, seed: int = 0, chann
     if is_segmentation_data(config.name):  # before the folder rule too: masks:/path has a "/" in it
         raise CnnlabError(f"data {config.name!r} is a segmentation dataset (a class per pixel), not images with one "
                           f"class each: train a segmentation model on it (`cnnlab models --task segmentation`)")
+    refuse_eval_tile(config)
     if config.name not in D.DATASETS and (Path(config.name).is_dir() or "/" in config.name):
         return _build_folder(config, device, seed, channels_last, in_channels)
     data: D.TensorDataset = D.load_dataset(config.name, config.root, config.download)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cnnlab._errors import CnnlabError
+
 
 # detection datasets (cnnlab.data.detection_data builds them): named here so any builder can tell them apart
 DETECTION_DATASETS = ("fashion_det", "trees")
@@ -48,6 +50,9 @@ class DataConfig:
         train_limit: train on N images only (quick experiments; 0 = all): a random subset stratified by
             class, fixed whatever the run's seed.
         num_workers: DataLoader workers for image folders.
+        eval_tile, eval_tile_overlap: detection only: evaluate (val, test, ``cnnlab eval``) on overlapping
+            ``eval_tile`` x ``eval_tile`` windows of each image, merged (``cnnlab.detection.tiling``), for images
+            larger than the model's input (0 = whole images); neighbours share ``eval_tile_overlap`` of a window.
     """
 
     name: str = "fashion_mnist"
@@ -73,3 +78,12 @@ class DataConfig:
     cutmix: float = 0.0
     train_limit: int = 0
     num_workers: int = 2
+    eval_tile: int = 0
+    eval_tile_overlap: float = 0.25
+
+
+def refuse_eval_tile(config: DataConfig) -> None:
+    """``data.eval_tile`` is tiled detection; other tasks' data refuse it by name rather than ignore it."""
+    if config.eval_tile:
+        raise CnnlabError(f"data.eval_tile={config.eval_tile} is tiled detection inference; data "
+                          f"{config.name!r} is not a detection set: leave data.eval_tile at 0")

@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
 from cnnlab._errors import CnnlabError
+from cnnlab._tiles import check_tiling
 from cnnlab.data.annotated import CocoDetection, VOCDetection
 from cnnlab.data.annotations import drop_degenerate_boxes, read_split, voc_class_names
 from cnnlab.data.bundle import DataBundle
@@ -362,20 +363,27 @@ def build_detection_data(config: DataConfig, device: torch.device, *, seed: int 
     """The detection bundle for ``config.name`` (``fashion_det``, ``trees``, ``voc:PATH``, ``coco:FILE``).
 
     Args:
-        config: the data section (``batch_size``, ``eval_batch_size``, ``num_workers``, ``flip``, ``jitter``,
-            ``train_limit``, ``root`` (cache folder of the named sets), ``download``).
+        config: the data section (``batch_size``, ``eval_batch_size``, ``num_workers``, ``flip``, ``vflip``,
+            ``scale``, ``jitter``, ``train_limit``, ``root`` (cache folder of the named sets), ``download``,
+            ``eval_tile``/``eval_tile_overlap``: evaluation by tiles, recorded on the bundle as ``eval_tiles``).
         device: where batches go.
         seed: base of the per-epoch shuffling and augmentation seeds.
     """
     device = torch.device(device)
     name = config.name
+    if config.eval_tile:
+        check_tiling(config.eval_tile, config.eval_tile_overlap, ("data.eval_tile", "data.eval_tile_overlap"))
     if name == "fashion_det":
-        return _build_fashion_det(config, device, seed)
-    if name == "trees":
-        return _build_trees(config, device, seed)
-    if name.startswith("voc:"):
-        return _build_voc(config, device, seed, Path(name[4:]).expanduser())
-    if name.startswith("coco:"):
-        return _build_coco(config, device, seed, Path(name[5:]).expanduser())
-    raise CnnlabError(f"unknown detection data {name!r} (expected fashion_det, trees, voc:PATH or "
-                      "coco:PATH/annotations.json)")
+        bundle = _build_fashion_det(config, device, seed)
+    elif name == "trees":
+        bundle = _build_trees(config, device, seed)
+    elif name.startswith("voc:"):
+        bundle = _build_voc(config, device, seed, Path(name[4:]).expanduser())
+    elif name.startswith("coco:"):
+        bundle = _build_coco(config, device, seed, Path(name[5:]).expanduser())
+    else:
+        raise CnnlabError(f"unknown detection data {name!r} (expected fashion_det, trees, voc:PATH or "
+                          "coco:PATH/annotations.json)")
+    if config.eval_tile:
+        bundle.eval_tiles = (int(config.eval_tile), float(config.eval_tile_overlap))
+    return bundle

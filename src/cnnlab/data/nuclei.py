@@ -33,7 +33,7 @@ import torch
 
 from cnnlab._errors import CnnlabError
 from cnnlab.data.datasets import default_cache_dir
-from cnnlab.data.trees import tile_starts
+from cnnlab._tiles import tile_starts
 
 WHEEL_VERSION = "0.9.2"
 WHEEL_GLOB = f"stardist-{WHEEL_VERSION}-*.whl"

@@ -45,7 +45,7 @@ from cnnlab.data.annotated import SegmentationFolder, read_class_mask
 from cnnlab.data.annotations import VOC_CLASSES, read_split
 from cnnlab.data.bundle import SUBSET_SEED, DataBundle, resize_images
 from cnnlab.data.collate import SegmentationCollate
-from cnnlab.data.config import DataConfig
+from cnnlab.data.config import DataConfig, refuse_eval_tile
 from cnnlab.data.detection_data import DetectionBatches, TensorShards, _epoch_seed, _rule_split
 from cnnlab.data.folder import IMAGE_EXTENSIONS, read_image
 from cnnlab.data.joint_transforms import JointAugment, segmentation_transforms
@@ -542,6 +542,7 @@ def build_segmentation_data(config: DataConfig, device: torch.device | str, *, s
         device: where batches go.
         seed: base of the per-epoch shuffling and augmentation seeds.
     """
+    refuse_eval_tile(config)
     device = torch.device(device)
     name = config.name
     if name == "fashion_seg":

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from cnnlab._errors import CnnlabError
+from cnnlab._tiles import tile_starts
 from cnnlab.data.annotations import read_voc_xml
 from cnnlab.data.datasets import default_cache_dir
 
@@ -111,16 +112,6 @@ def read_scene(wheel: Path, name: str) -> Scene:
         raise CnnlabError(f"{wheel}: {name}.png is {w}x{h} but its XML says {rec.width}x{rec.height}")
     boxes = torch.tensor(rec.boxes, dtype=torch.float32).reshape(-1, 4)
     return Scene(name, torch.from_numpy(pixels).permute(2, 0, 1).contiguous(), boxes)
-
-
-def tile_starts(length: int, tile: int, stride: int) -> list[int]:
-    """Tile origins along one side: every ``stride``, plus one aligned to the far border; one when it fits."""
-    if length <= tile:
-        return [0]
-    starts = list(range(0, length - tile + 1, stride))
-    if starts[-1] != length - tile:
-        starts.append(length - tile)
-    return starts
 
 
 def tile_scene(scene: Scene, tile: int = TILE, stride: int = STRIDE,

@@ -94,6 +94,16 @@ def model_targets(targets: Sequence[Mapping[str, Any]], drop_degenerate: bool = 
     return out
 
 
+def detect(model: nn.Module, images: list[torch.Tensor], tiles: tuple[int, float] | None = None) -> list[dict]:
+    """``model(images)`` in eval mode, or with ``tiles = (tile_size, overlap)`` each image by overlapping windows
+    merged (``cnnlab.detection.tiling.predict_tiled``): the detections of ``data.eval_tile`` runs."""
+    if tiles is None:
+        return model(images)
+    from cnnlab.detection.tiling import predict_tiled
+
+    return [predict_tiled(model, image, tiles[0], tiles[1], batch_size=EVAL_CHUNK) for image in images]
+
+
 def _cpu_prediction(p: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"boxes": p["boxes"].detach().float().cpu(), "labels": p["labels"].detach().long().cpu(),
             "scores": p["scores"].detach().float().cpu()}
@@ -251,6 +261,7 @@ class DetectionTask(Task):
         was_training = model.training
         device = next(model.parameters()).device
         meter = _DetectionMeter(device)
+        tiles = getattr(data, "eval_tiles", None)
         predictions: list[dict[str, torch.Tensor]] = []
         targets: list[dict[str, torch.Tensor]] = []
         rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
@@ -260,13 +271,14 @@ class DetectionTask(Task):
                 torch.manual_seed(VAL_LOSS_SEED)
                 for images, batch_targets in _chunks(batches):
                     model.eval()
-                    outputs = model(images)  # float32 (not under amp): bf16 box deltas move boxes by pixels
+                    # float32 (not under amp): bf16 box deltas move boxes by pixels
+                    outputs = detect(model, images, tiles)
                     if len(outputs) != len(images):
                         raise CnnlabError(f"a detection model in eval mode must return one dict per image; got "
                                           f"{len(outputs)} for {len(images)} images")
                     predictions += [_cpu_prediction(p) for p in outputs]
                     targets += [_cpu_target(t) for t in batch_targets]
-                    if self.compute_loss:
+                    if self.compute_loss and tiles is None:  # tiled: no whole-image loss pass (NaN)
                         _loss_mode(model)
                         losses = named_losses(model(images, model_targets(batch_targets, drop_degenerate=True)))
                         meter.update(StepOutput(total_loss(losses), losses, None, len(images)))
@@ -304,7 +316,7 @@ class DetectionTask(Task):
             plot_pr_curves(run_dir / "pr_curves.png", found)
         split = data.val if data.val is not None else data.test
         plot_detections(run_dir / "detections.png", model, split, data.classes,
-                        "validation" if data.val is not None else "test")
+                        "validation" if data.val is not None else "test", tiles=getattr(data, "eval_tiles", None))
 
     def predict_lines(self, images, outputs, classes, top):
         lines = []
@@ -376,8 +388,9 @@ def draw_detections(image: torch.Tensor, prediction: Mapping[str, torch.Tensor] 
 
 @torch.no_grad()
 def plot_detections(path: Path, model: nn.Module, batches: Any, classes: Sequence[str], split: str,
-                    count: int = DRAWN_IMAGES) -> Path | None:
-    """The first ``count`` images of ``batches`` with their true boxes and the model's predictions, in a grid."""
+                    count: int = DRAWN_IMAGES, tiles: tuple[int, float] | None = None) -> Path | None:
+    """The first ``count`` images of ``batches`` with their true boxes and the model's predictions (by ``tiles``
+    when given, see :func:`detect`), in a grid."""
     from cnnlab._plot import pyplot, save_figure
 
     images, targets = [], []
@@ -392,7 +405,8 @@ def plot_detections(path: Path, model: nn.Module, batches: Any, classes: Sequenc
     was_training = model.training
     model.eval()
     try:
-        predictions = [_cpu_prediction(p) for p in model(images)]
+        with torch.no_grad():
+            predictions = [_cpu_prediction(p) for p in detect(model, images, tiles)]
     finally:
         model.train(was_training)
     drawn = [draw_detections(im, p, classes, target=t, min_side=192) for im, p, t in zip(images, predictions, targets)]
