@@ -10,10 +10,11 @@ image in file order (VOC: sorted names; COCO: the JSON's ``images``) with index 
 ``i % 10 == 9`` test, the rest train.
 Augmentation (training only): ``data.flip`` / ``data.vflip`` -> horizontal / vertical flip (p = 0.5 each),
 ``data.scale=(lo, hi)`` -> a zoom by a factor drawn in [lo, hi] with the canvas kept (``RandomAffine``; boxes
-that leave it are dropped), ``data.jitter > 0`` -> ``RandomPhotometricDistort`` (p = 0.5); the tensor-resident
-``fashion_det`` takes ``data.flip`` only. The other ``data.*`` augmentations are refused for detection (they
-would move pixels without the boxes, or mix labels). ``data.normalize``/``image_size`` do not apply: detectors normalise and
-resize inside their own transform. ``data.train_limit`` keeps the first N training images of the split.
+are clipped to it and dropped when under 1 px wide or high), ``data.jitter > 0`` -> ``RandomPhotometricDistort``
+(p = 0.5); the tensor-resident ``fashion_det`` takes ``data.flip`` only. The other ``data.*`` augmentations are
+refused for detection (they would move pixels without the boxes, or mix labels). ``data.normalize``/``image_size``
+do not apply: detectors normalise and resize inside their own transform. ``data.train_limit`` keeps the first N
+training images of the split.
 
 Order and augmentation are fixed by ``(seed, epoch)``: ``train.set_epoch(e)`` reseeds the sampler, and each
 item's augmentation is seeded by ``(seed, epoch, index)``, so a resumed run, or one with another number of
