@@ -33,6 +33,13 @@ the test split (the issue's accuracy targets).
     OMP_NUM_THREADS=1 python benchmarks/bench_detection.py latency --images 4 --out latency.json
     python benchmarks/bench_detection.py train --model faster_rcnn --backbone resnet18 --minutes 20
     python benchmarks/bench_detection.py train --minutes 1 --train-limit 64 --dry-run   # config only
+
+``time-runs``: trained run folders timed at batch 1 on a data set's images (trees windows or canvases).
+``ceiling``: fashion_det's AP50 with perfect boxes, each scored by a classification run's softmax on the item's
+painted square (neighbours included): what the backbone's own classification leaves a detector to reach.
+
+    python benchmarks/bench_detection.py time-runs runs/tr_ssd runs/tr_yolov3 --data trees --images 4
+    python benchmarks/bench_detection.py ceiling runs/pre_resnet18_40
 """
 from __future__ import annotations
 
@@ -48,6 +55,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -86,6 +94,12 @@ def machine() -> dict[str, Any]:
         pass
     info["mkldnn_bf16"] = bool(getattr(torch.backends.mkldnn, "is_available", lambda: False)())
     return info
+
+
+def has_bf16(info: dict[str, Any]) -> bool:
+    """Whether :func:`machine` found bf16 units (AVX-512 BF16 or AMX): then bf16 autocast is timed too."""
+    flags = info.get("flags") or {}
+    return bool(flags.get("avx512_bf16") or flags.get("amx_bf16"))
 
 
 # -- images -------------------------------------------------------------------------------------------------
@@ -593,7 +607,7 @@ def compare(args) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     info = machine()
-    bf16 = "avx512_bf16" in (info.get("flags") or "") or "amx_bf16" in (info.get("flags") or "")
+    bf16 = has_bf16(info)
     images = canvas_images(args.latency_images)
     rows = []
     for name in args.models:
@@ -667,6 +681,128 @@ def plot_speed_accuracy(rows: list[dict[str, Any]], path: str) -> None:
     save_figure(fig, path)
 
 
+# -- trained detectors, timed -------------------------------------------------------------------------------------
+def latency_images(data: str, n: int) -> tuple[list[Tensor], str]:
+    """``n`` images of ``data`` to time a detector on: trees validation windows or fashion_det test canvases."""
+    if data == "trees":
+        return real_images(n, canvas_images)
+    return canvas_images(n), "fashion_det test canvases (128 x 128)"
+
+
+def time_runs(args) -> list[dict[str, Any]]:
+    """Each trained run's per-image latency at batch 1 (eager fp32, and bf16 autocast where the CPU has bf16)."""
+    from cnnlab.engine.runs import load_run
+
+    torch.set_num_threads(args.threads)
+    info = machine()
+    bf16 = has_bf16(info)
+    images, what = latency_images(args.data, args.images)
+    print(f"{len(images)} images: {what}; {args.threads} thread(s)")
+    rows = []
+    for run_dir in args.runs:
+        model = load_run(run_dir).model
+        row = {"run": str(run_dir), "model": getattr(model, "model_name", type(model).__name__),
+               "latency_fp32": time_detector(model, images, False)}
+        if bf16:
+            row["latency_bf16"] = time_detector(model, images, True)
+        rows.append(row)
+        b = row.get("latency_bf16", {}).get("cpu_s", math.nan)
+        print(f"  {row['model']:12s} fp32 {1000 * row['latency_fp32']['cpu_s']:7.1f} ms (cpu)  "
+              f"{1000 * row['latency_fp32']['wall_s']:7.1f} ms (wall)  bf16 {1000 * b:7.1f} ms (cpu)  {run_dir}",
+              flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"machine": info, "images": what, "rows": rows}, indent=1,
+                                             default=float))
+    return rows
+
+
+# -- the classification ceiling ----------------------------------------------------------------------------------
+def item_crops(composed: Any, source_images: np.ndarray, n: int, side: int, sides: range = range(20, 65)
+               ) -> tuple[Tensor, list[dict[str, Tensor]]]:
+    """Each item of the first ``n`` canvases cut out of its canvas at the square it was painted in, resized to
+    ``side``; and the canvases' targets. What a detector with perfect boxes would have to classify, overlaps and
+    scale included. The square is recovered exactly: of the painting sides ``sides`` (``FashionDetConfig``'s
+    min_scale..max_scale), the one at which the item's 28 px source, resized as ``compose`` does, has a tight box
+    of the painted box's width and height (the smallest such side; an item with none is refused)."""
+    import torch.nn.functional as F
+
+    from cnnlab.data.fashion_det import FashionDetConfig, _resize_items, _tight_box
+
+    threshold = FashionDetConfig().mask_threshold
+    stop = int(composed.offsets[n])
+    sources = source_images[composed.source[:stop]]
+    found: list[tuple[int, int, int] | None] = [None] * stop  # (side, tight x1, tight y1)
+    for s in sides:
+        for m, item in enumerate(_resize_items(sources, np.full(stop, s))):
+            if found[m] is None:
+                tb = _tight_box(item > threshold)
+                x1, y1, x2, y2 = composed.boxes[m].tolist()
+                if tb is not None and (tb[2] - tb[0], tb[3] - tb[1]) == (round(x2 - x1), round(y2 - y1)):
+                    found[m] = (s, tb[0], tb[1])
+    if any(f is None for f in found):
+        raise SystemExit(f"{found.count(None)} items match no painting side in {sides}: not fashion_det's default "
+                         "composition")
+    crops, targets = [], []
+    for i in range(n):
+        sl = composed.items(i)
+        canvas = torch.from_numpy(composed.images[i]).float()[None, None] / 255
+        for m in range(sl.start, sl.stop):
+            s, tx, ty = found[m]  # type: ignore[misc]
+            x, y = int(composed.boxes[m][0]) - tx, int(composed.boxes[m][1]) - ty
+            crop = canvas[..., y:y + s, x:x + s]
+            crops.append(F.interpolate(crop, size=(side, side), mode="bilinear", align_corners=False,
+                                       antialias=True)[0])
+        targets.append({"boxes": torch.from_numpy(composed.boxes[sl].copy()),
+                        "labels": torch.from_numpy(composed.labels[sl].copy())})
+    return torch.stack(crops), targets
+
+
+def ceiling(args) -> dict[str, Any]:
+    """The AP a detector would reach on fashion_det with perfect boxes and the backbone's own classification:
+    every true box reported once per class, scored by the classifier run's softmax on the item's crop."""
+    from cnnlab.data.datasets import fashion_mnist
+    from cnnlab.data.fashion_det import load_fashion_det
+    from cnnlab.detection import evaluate
+    from cnnlab.engine.data_setup import preprocess_from_state
+    from cnnlab.engine.runs import load_run
+
+    torch.set_num_threads(args.threads)
+    run = load_run(args.run)
+    channels, height, _ = run.input_shape
+    preprocess = preprocess_from_state(run.preprocess)
+    test = load_fashion_det(download=False)["test"]
+    n = min(args.images or len(test), len(test))
+    fm = fashion_mnist(download=False)
+    crops, targets = item_crops(test, fm.test_images[:, 0].numpy(), n, height)
+    crops = crops.expand(-1, channels, -1, -1)
+    x = preprocess(crops) if preprocess is not None else crops
+    with torch.inference_mode():
+        probs = torch.cat([run.model(x[i:i + 256]).float().softmax(1) for i in range(0, len(x), 256)])
+    classes = probs.shape[1]
+    predictions, k = [], 0
+    for t in targets:
+        m = len(t["labels"])
+        p = probs[k:k + m]
+        k += m
+        predictions.append({"boxes": t["boxes"].repeat_interleave(classes, 0), "scores": p.reshape(-1),
+                            "labels": torch.arange(1, classes + 1).repeat(m)})
+    labels = torch.cat([t["labels"] for t in targets]) - 1
+    accuracy = (probs.argmax(1) == labels).float().mean().item()
+    metrics = evaluate(predictions, targets, "coco", class_names=run.classes)
+    voc = evaluate(predictions, targets, "voc", class_names=run.classes)
+    per_class = {str(name): round(float(v), 4) for name, v in metrics.per_class_ap50.items()}
+    out = {"run": str(args.run), "canvases": n, "items": len(labels), "crop_accuracy": accuracy,
+           "AP50": float(metrics["AP50"]), "AP": float(metrics["AP"]), "voc_AP": float(voc["mAP"]),
+           "per_class_AP50": per_class, "machine": machine()}
+    print(f"{n} test canvases, {len(labels)} items: crop accuracy {accuracy:.4f}; perfect boxes scored by the "
+          f"classifier: AP50 {out['AP50']:.4f} (COCO AP {out['AP']:.4f}, VOC AP {out['voc_AP']:.4f})")
+    for name, v in per_class.items():
+        print(f"  {name:12s} {v}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=1, default=float))
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -737,7 +873,27 @@ def main(argv: list[str] | None = None) -> None:
     cmp.add_argument("--out", help="JSON file for the results")
     cmp.add_argument("--plot", default="", help="PNG of AP50 against latency")
 
+    cl = sub.add_parser("ceiling", help="fashion_det's AP with perfect boxes and a classifier run's scores: what "
+                        "the backbone's classification allows a detector")
+    cl.add_argument("run", help="a classification run folder (the backbone, e.g. runs/pre_resnet18_40)")
+    cl.add_argument("--images", type=int, default=0, help="the first N test canvases (0: all)")
+    cl.add_argument("--threads", type=int, default=1)
+    cl.add_argument("--out", help="JSON file for the result")
+
+    tm = sub.add_parser("time-runs", help="trained detectors' per-image latency at batch 1 on a data set's images")
+    tm.add_argument("runs", nargs="+", help="detection run folders")
+    tm.add_argument("--data", default="fashion_det", choices=("fashion_det", "trees"))
+    tm.add_argument("--images", type=int, default=10)
+    tm.add_argument("--threads", type=int, default=1)
+    tm.add_argument("--out", help="JSON file for the result")
+
     args = parser.parse_args(argv)
+    if args.command == "time-runs":
+        time_runs(args)
+        return
+    if args.command == "ceiling":
+        ceiling(args)
+        return
     if args.command == "compare":
         compare(args)
         return
