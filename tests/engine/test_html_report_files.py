@@ -69,3 +69,28 @@ def test_a_folder_that_is_neither_a_run_nor_known_is_still_refused(tmp_path):
     (tmp_path / "other.json").write_text("{}")
     with pytest.raises(CnnlabError, match="no config.json, so it is not a run folder"):
         H.write_html_report(tmp_path)
+
+
+def test_model_size_of_a_run_with_backbone_weights_is_quiet(tmp_path):
+    """The report counts a detector whose backbone came from a file on the meta device: the same parameters as
+    the real model, and none of torch's per-tensor 'copying ... to a meta parameter' warnings."""
+    import warnings
+
+    import torch
+
+    import cnnlab
+    from cnnlab.engine.html_report import RunFolder, _parameter_count
+
+    torch.save(cnnlab.create_model("resnet18", num_classes=5).state_dict(), tmp_path / "r18.pt")
+    options = {"backbone": "resnet18", "size": 64, "grid_size": 2, "backbone_weights": str(tmp_path / "r18.pt")}
+    run = RunFolder(path=tmp_path, config={"model": {"name": "yolov1", "options": options}}, history=[],
+                    results=None, meta={"model": "yolov1", "task": "detection", "num_classes": 3,
+                                        "input_shape": [3, 64, 64]})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        count = _parameter_count(run)
+    from cnnlab.engine.tasks._model import rebuild_model
+
+    real = rebuild_model(run.meta, options)  # on the CPU, the weights read for real
+    assert count == sum(p.numel() for p in real.parameters())
+    assert not [w for w in caught if "meta parameter" in str(w.message)]

@@ -545,21 +545,33 @@ def model_size(run: RunFolder) -> tuple[int, int, tuple[int, ...]]:
 
 def _model_size(run: RunFolder) -> tuple[int, int, tuple[int, ...], bool]:
     """``model_size`` and whether the model takes classes."""
-    import torch
 
     from cnnlab.analysis import summary
     from cnnlab.engine.tasks import task_class
-    from cnnlab.engine.tasks._model import rebuild_model
 
     if not run.meta:
         raise CnnlabError("no checkpoint yet (last.json), so the input shape is unknown")
     shape = tuple(int(s) for s in run.meta["input_shape"])
 
-    with torch.device("meta"):
-        model = rebuild_model(run.meta, run.config.get("model", {}).get("options", {}))
+    model = _meta_model(run)
     takes_classes = task_class(run.meta.get("task", "classification")).model_takes_num_classes
     totals = summary(model, shape, device="meta", training_memory=False).totals
     return totals.params, totals.macs, shape, takes_classes
+
+
+def _meta_model(run: RunFolder) -> Any:
+    """The run's model built on the meta device (its structure, no values). A ``backbone_weights`` option still
+    reads its file, and copying values into meta tensors is a no-op that torch warns about once per tensor (a
+    hundred lines per report): those warnings are silenced here, where no value is wanted."""
+    import warnings
+
+    import torch
+
+    from cnnlab.engine.tasks._model import rebuild_model
+
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter.*")
+        return rebuild_model(run.meta, run.config.get("model", {}).get("options", {}))
 
 
 def _model(run: RunFolder) -> tuple[list[tuple[str, Any]], str]:
@@ -581,13 +593,8 @@ def _model(run: RunFolder) -> tuple[list[tuple[str, Any]], str]:
 
 def _parameter_count(run: RunFolder) -> int | None:
     """The parameters of the run's model, built on the meta device (no forward pass), or None if it cannot be built."""
-    import torch
-
-    from cnnlab.engine.tasks._model import rebuild_model
-
     try:
-        with torch.device("meta"):
-            model = rebuild_model(run.meta, run.config.get("model", {}).get("options", {}))
+        model = _meta_model(run)
         return sum(p.numel() for p in model.parameters())
     except Exception:  # noqa: BLE001 - the page says the sizes are unavailable
         return None
