@@ -662,7 +662,10 @@ def compare(args) -> dict[str, Any]:
     return result
 
 
-def plot_speed_accuracy(rows: list[dict[str, Any]], path: str) -> None:
+def plot_speed_accuracy(rows: list[dict[str, Any]], path: str,
+                        title: str = "fashion_det: same backbone, same training budget") -> None:
+    """AP50 against CPU ms per image (log), one point per detector, coloured by stage; ``rows`` as ``compare``
+    writes them (``model``, ``stage``, ``test.AP50``, ``latency_fp32.cpu_s``)."""
     from cnnlab._plot import pyplot, save_figure
 
     plt = pyplot()
@@ -676,7 +679,7 @@ def plot_speed_accuracy(rows: list[dict[str, Any]], path: str) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("CPU ms per image, batch 1, fp32 eager (log)")
     ax.set_ylabel("test AP50")
-    ax.set_title("fashion_det: same backbone, same training budget")
+    ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     save_figure(fig, path)
 
@@ -887,7 +890,17 @@ def main(argv: list[str] | None = None) -> None:
     tm.add_argument("--threads", type=int, default=1)
     tm.add_argument("--out", help="JSON file for the result")
 
+    pl = sub.add_parser("plot", help="the speed-accuracy plot from a JSON of rows (compare's --out, or results "
+                        "gathered by hand: {\"title\": ..., \"rows\": [...]})")
+    pl.add_argument("json")
+    pl.add_argument("--out", required=True, help="PNG to write")
+
     args = parser.parse_args(argv)
+    if args.command == "plot":
+        data = json.loads(Path(args.json).read_text())
+        plot_speed_accuracy(data["rows"], args.out, data.get("title", "same backbone, same training budget"))
+        print(f"wrote {args.out}")
+        return
     if args.command == "time-runs":
         time_runs(args)
         return
