@@ -40,6 +40,7 @@ painted square (neighbours included): what the backbone's own classification lea
 
     python benchmarks/bench_detection.py time-runs runs/tr_ssd runs/tr_yolov3 --data trees --images 4
     python benchmarks/bench_detection.py ceiling runs/pre_resnet18_40
+    python benchmarks/bench_detection.py crops data/fashion_det_crops   # a backbone's pretraining folder
 """
 from __future__ import annotations
 
@@ -822,6 +823,32 @@ def ceiling(args) -> dict[str, Any]:
     return out
 
 
+def write_crops(args) -> None:
+    """fashion_det's items as a classification folder (``root/train|test/<i>_<class>/*.png``, 40 px grey by
+    default): each item's painted square cut from its canvas, neighbours included (:func:`item_crops`). train/
+    from the train canvases, test/ from the val canvases (the detector's test split stays unseen). A backbone
+    pretrained on these (``cnnlab train --model resnet18 --data ROOT --set model.options.in_channels=1``) sees
+    items as a detector does."""
+    from PIL import Image
+
+    from cnnlab.data.datasets import FASHION_CLASSES, fashion_mnist
+    from cnnlab.data.fashion_det import load_fashion_det
+
+    root = Path(args.root)
+    splits = load_fashion_det(download=False)
+    sources = fashion_mnist(download=False).train_images[:, 0].numpy()  # train and val canvases draw from it
+    for split, folder in (("train", "train"), ("val", "test")):
+        composed = splits[split]
+        crops, _, targets = item_crops(composed, sources, len(composed), args.size)
+        labels = torch.cat([t["labels"] for t in targets]) - 1
+        for k, (crop, label) in enumerate(zip(crops, labels.tolist())):
+            out = root / folder / f"{label}_{FASHION_CLASSES[label].replace('/', '_')}"  # index first: class order
+            out.mkdir(parents=True, exist_ok=True)
+            pixels = (crop[0] * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels, mode="L").save(out / f"{k:06d}.png")
+        print(f"{folder}/: {len(crops)} crops from the {len(composed)} {split} canvases")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -911,7 +938,15 @@ def main(argv: list[str] | None = None) -> None:
     pl.add_argument("json")
     pl.add_argument("--out", required=True, help="PNG to write")
 
+    cr = sub.add_parser("crops", help="fashion_det's items cut from their canvases as a classification folder "
+                        "(backbone pretraining that sees neighbours as a detector does)")
+    cr.add_argument("root", help="the folder to write (root/train, root/test)")
+    cr.add_argument("--size", type=int, default=40, help="side of the square crops in pixels")
+
     args = parser.parse_args(argv)
+    if args.command == "crops":
+        write_crops(args)
+        return
     if args.command == "plot":
         data = json.loads(Path(args.json).read_text())
         plot_speed_accuracy(data["rows"], args.out, data.get("title", "same backbone, same training budget"))
