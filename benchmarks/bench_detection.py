@@ -599,6 +599,18 @@ def time_onnx(model: nn.Module, images: list[Tensor], threads: int) -> dict[str,
     return {"cpu_s": median(cpu), "wall_s": median(wall), "export_max_abs_diff": export.max_abs_diff}
 
 
+def latencies(model: nn.Module, images: list[Tensor], bf16: bool, threads: int, onnx: bool = False
+              ) -> dict[str, dict[str, float]]:
+    """A detector's batch-1 timings: ``latency_fp32`` always, ``latency_bf16`` (autocast) where the CPU has bf16
+    units, ``latency_onnx`` (ONNX Runtime) when asked."""
+    out = {"latency_fp32": time_detector(model, images, False)}
+    if bf16:
+        out["latency_bf16"] = time_detector(model, images, True)
+    if onnx:
+        out["latency_onnx"] = time_onnx(model, images, threads)
+    return out
+
+
 def compare(args) -> dict[str, Any]:
     """Train each detector with the same backbone and budget, then time it at batch 1; a table, JSON and a plot."""
     import copy
@@ -618,11 +630,7 @@ def compare(args) -> dict[str, Any]:
                 options["anchors"] = "coco"
             model = create_model(name, num_classes=NUM_CLASSES, **options)
             row = {"model": name, "stage": "one" if name in ONE_STAGE else "two", "test": {}, "epochs_run": 0,
-                   "latency_fp32": time_detector(model, images, False)}
-            if bf16:
-                row["latency_bf16"] = time_detector(model, images, True)
-            if args.onnx:
-                row["latency_onnx"] = time_onnx(model, images, args.threads)
+                   **latencies(model, images, bf16, args.threads, args.onnx)}
             rows.append(row)
             print(f"  {name}: {1000 * row['latency_fp32']['cpu_s']:.1f} ms/image fp32 (cpu)", flush=True)
             continue
@@ -638,11 +646,7 @@ def compare(args) -> dict[str, Any]:
         trained = train(run_args)
         model = load_run(trained["run_dir"]).model
         row = {"model": name, "stage": "one" if name in ONE_STAGE else "two", **trained,
-               "latency_fp32": time_detector(model, images, False)}
-        if bf16:
-            row["latency_bf16"] = time_detector(model, images, True)
-        if args.onnx:
-            row["latency_onnx"] = time_onnx(model, images, args.threads)
+               **latencies(model, images, bf16, args.threads, args.onnx)}
         rows.append(row)
         print(f"  {name}: AP {row['test'].get('AP', math.nan):.3f}  AP50 {row['test'].get('AP50', math.nan):.3f}  "
               f"{1000 * row['latency_fp32']['cpu_s']:.0f} ms/image fp32 (cpu)", flush=True)
@@ -706,9 +710,7 @@ def time_runs(args) -> list[dict[str, Any]]:
     for run_dir in args.runs:
         model = load_run(run_dir).model
         row = {"run": str(run_dir), "model": getattr(model, "model_name", type(model).__name__),
-               "latency_fp32": time_detector(model, images, False)}
-        if bf16:
-            row["latency_bf16"] = time_detector(model, images, True)
+               **latencies(model, images, bf16, args.threads)}
         rows.append(row)
         b = row.get("latency_bf16", {}).get("cpu_s", math.nan)
         print(f"  {row['model']:12s} fp32 {1000 * row['latency_fp32']['cpu_s']:7.1f} ms (cpu)  "
