@@ -38,6 +38,11 @@ the test split (the issue's accuracy targets).
 ``ceiling``: fashion_det's AP50 with perfect boxes, each scored by a classification run's softmax on the item's
 painted square (neighbours included): what the backbone's own classification leaves a detector to reach.
 
+``errors``: where a trained fashion_det detector's AP50 goes: the same detections with the true class on every
+box that finds an item (the AP lost to classification), class-agnostic AP50 and recall at IoU 0.5 (the AP
+lost to localisation), and AP50 over COCO's small and medium items.
+
+    python benchmarks/bench_detection.py errors runs/fd_ssd --images 1000
     python benchmarks/bench_detection.py time-runs runs/tr_ssd runs/tr_yolov3 --data trees --images 4
     python benchmarks/bench_detection.py ceiling runs/pre_resnet18_40
     python benchmarks/bench_detection.py crops data/fashion_det_crops   # a backbone's pretraining folder
@@ -851,6 +856,100 @@ def write_crops(args) -> None:
         print(f"{folder}/: {len(crops)} crops from the {len(composed)} {split} canvases")
 
 
+# -- where a detector's AP goes ----------------------------------------------------------------------------------
+def test_canvases(n: int) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+    """The first ``n`` fashion_det test canvases (as the engine feeds them) and their targets."""
+    from cnnlab.data.config import DataConfig
+    from cnnlab.data.detection_data import build_detection_data
+
+    bundle = build_detection_data(DataConfig(name="fashion_det", eval_batch_size=32, download=False),
+                                  torch.device("cpu"))
+    images, targets = [], []
+    for batch_images, batch_targets in bundle.test:
+        images.extend(i.contiguous() for i in batch_images)
+        targets.extend({"boxes": t["boxes"], "labels": t["labels"]} for t in batch_targets)
+        if len(images) >= n:
+            break
+    return images[:n], targets[:n]
+
+
+def relabelled(predictions: list[dict[str, Tensor]], targets: list[dict[str, Tensor]], iou: float = 0.5
+               ) -> list[dict[str, Tensor]]:
+    """Each detection that overlaps a true box at ``iou`` takes that box's label (its best-overlapping one):
+    the AP the detector would have with the same boxes and scores and never a wrong class (TIDE's
+    classification oracle, Bolya et al. 2020); the other detections keep theirs."""
+    from torchvision.ops import box_iou
+
+    out = []
+    for p, t in zip(predictions, targets):
+        labels = p["labels"].clone()
+        if len(t["boxes"]) and len(p["boxes"]):
+            best, which = box_iou(p["boxes"], t["boxes"]).max(1)
+            labels[best >= iou] = t["labels"][which[best >= iou]]
+        out.append({**p, "labels": labels})
+    return out
+
+
+def errors(args) -> dict[str, Any]:
+    """Where a trained fashion_det detector's AP50 goes: classification (the same boxes with the true classes),
+    localisation (class-agnostic AP50, recall at IoU 0.5) and item size (COCO's small / medium / large)."""
+    from torchvision.ops import box_iou
+
+    from cnnlab.detection import evaluate
+    from cnnlab.engine.runs import load_run
+
+    torch.set_num_threads(args.threads)
+    run = load_run(args.run)
+    model = run.model.eval()
+    images, targets = test_canvases(args.images)
+    predictions = []
+    with torch.inference_mode():
+        for i in range(0, len(images), 32):
+            predictions.extend({k: v if k == "labels" else v.float() for k, v in p.items()}
+                               for p in model(images[i:i + 32]))
+    metrics = evaluate(predictions, targets, "coco", class_names=run.classes)
+    fixed = evaluate(relabelled(predictions, targets), targets, "coco", class_names=run.classes)
+    agnostic = evaluate([{**p, "labels": torch.ones_like(p["labels"])} for p in predictions],
+                        [{**t, "labels": torch.ones_like(t["labels"])} for t in targets], "coco")
+    # per true box: found by some detection (any class, IoU >= 0.5); the class of the best-scoring one that does
+    found = right = total = 0
+    for p, t in zip(predictions, targets):
+        total += len(t["boxes"])
+        if not len(t["boxes"]) or not len(p["boxes"]):
+            continue
+        hit = box_iou(t["boxes"], p["boxes"]) >= 0.5  # (G, D)
+        for g in torch.nonzero(hit.any(1))[:, 0].tolist():
+            found += 1
+            d = torch.nonzero(hit[g])[:, 0]
+            right += int(p["labels"][d[p["scores"][d].argmax()]] == t["labels"][g])
+    # COCO's area ranges (all, small, medium, large): AP at IoU 0.5, 100 detections, as COCOeval.summarize
+    precision = metrics.details["precision"][0, :, :, :, -1]  # (R, K, A)
+    sides = torch.cat([((t["boxes"][:, 2:] - t["boxes"][:, :2]).prod(1)).sqrt() for t in targets])
+    by_size = {}
+    for a, (name, lo, hi) in enumerate((("small", 0, 32), ("medium", 32, 96), ("large", 96, math.inf)), start=1):
+        p = precision[:, :, a]
+        by_size[name] = {"items": int(((sides >= lo) & (sides < hi)).sum()),
+                         "AP50": float(p[p > -1].mean()) if (p > -1).any() else math.nan}
+    out = {"run": str(args.run), "canvases": len(images), "items": total,
+           "AP50": float(metrics["AP50"]), "AP": float(metrics["AP"]),
+           "AP50_true_classes": float(fixed["AP50"]), "AP50_class_agnostic": float(agnostic["AP50"]),
+           "recall50_any_class": found / max(1, total), "right_class_of_found": right / max(1, found),
+           "by_size": by_size, "per_class_AP50": {str(k): float(v) for k, v in metrics.per_class_ap50.items()},
+           "machine": machine()}
+    print(f"{args.run}: {len(images)} test canvases, {total} items")
+    print(f"  AP50 {out['AP50']:.4f} (AP {out['AP']:.4f}); the same detections with the true class wherever they "
+          f"find an item: {out['AP50_true_classes']:.4f}; class-agnostic: {out['AP50_class_agnostic']:.4f}")
+    print(f"  items found at IoU 0.5 by some detection: {out['recall50_any_class']:.4f}; of those, the best-scoring "
+          f"finder has the right class: {out['right_class_of_found']:.4f}")
+    for name, v in by_size.items():
+        print(f"  {name:6s} {v['items']:5d} items: AP50 {v['AP50']:.4f}")
+    for name, v in out["per_class_AP50"].items():
+        print(f"  {name:12s} {v:.4f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=1, default=float))
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -945,7 +1044,17 @@ def main(argv: list[str] | None = None) -> None:
     cr.add_argument("root", help="the folder to write (root/train, root/test)")
     cr.add_argument("--size", type=int, default=40, help="side of the square crops in pixels")
 
+    er = sub.add_parser("errors", help="where a trained fashion_det detector's AP50 goes: classification, "
+                        "localisation, item size")
+    er.add_argument("run", help="a detection run folder")
+    er.add_argument("--images", type=int, default=1000, help="the first N test canvases")
+    er.add_argument("--threads", type=int, default=1)
+    er.add_argument("--out", help="JSON file for the result")
+
     args = parser.parse_args(argv)
+    if args.command == "errors":
+        errors(args)
+        return
     if args.command == "crops":
         write_crops(args)
         return

@@ -200,6 +200,30 @@ def test_generic_default_box_options_and_other_backbone():
         assert model([torch.rand(3, 50, 70)])[0]["boxes"].shape[1] == 4
 
 
+def test_pyramid_maps_see_the_deepest_stage():
+    torch.manual_seed(0)
+    model = ssd(backbone="resnet18", num_classes=K, size=128, num_maps=4, fpn_channels=64)
+    assert model.backbone.out_channels == [64, 64, 64, 64]  # FPN on layer2-4, then one extra block of its width
+    assert model.backbone.strides == [8, 16, 32, 64]
+    maps = model.backbone(torch.rand(1, 3, 128, 128))
+    assert [tuple(m.shape[-2:]) for m in maps.values()] == [(16, 16), (8, 8), (4, 4), (2, 2)]
+    # the first (stride-8) map depends on layer4 through the top-down path; without the pyramid it cannot
+    maps["0"].sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.backbone.body.layer4.parameters())
+    plain = ssd(backbone="resnet18", num_classes=K, size=128, num_maps=4)
+    plain.backbone(torch.rand(1, 3, 128, 128))["0"].sum().backward()
+    assert all(p.grad is None for p in plain.backbone.body.layer4.parameters())
+    images, targets = _small_scene()
+    model.zero_grad()
+    losses = model(images, targets)
+    assert all(torch.isfinite(v) and v > 0 for v in losses.values())
+    sum(losses.values()).backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    model.eval()
+    with torch.no_grad():
+        assert model(images)[0]["boxes"].shape[1] == 4
+
+
 def test_reset_classifier_and_weights_round_trip(small, tmp_path):
     model = cnnlab.create_model("ssd", backbone="resnet18", num_classes=K, size=128)
     result = cnnlab.load_weights(model, small.state_dict())
@@ -251,6 +275,7 @@ def test_engine_detection_step(small):
     ({"topk_candidates": 0}, "topk_candidates"),
     ({"returned_stages": [4, 2]}, "returned_stages"),
     ({"extra_channels": [256, 0]}, "extra_channels"),
+    ({"fpn_channels": 0}, "fpn_channels"),
 ])
 def test_bad_options_are_refused(options, words):
     with pytest.raises(CnnlabError) as info:

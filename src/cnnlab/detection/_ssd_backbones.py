@@ -176,6 +176,35 @@ class TappedBackbone(nn.Module):
         return OrderedDict((str(i), m) for i, m in enumerate(maps))
 
 
+class PyramidBackbone(nn.Module):
+    """The tapped stages through a feature pyramid, then the extra stride-2 blocks on its top level: images ->
+    the SSD maps, each with the deepest stage's semantics (DSSD and FSSD's remedy, Fu et al. 2017, Li & Zhou
+    2017, for SSD's shallow first map classifying the smallest objects).
+
+    Args:
+        backbone: a ``Backbone`` built with an FPN and no extra level (``extra_block="none"``).
+        extras: the extra blocks after the top level.
+    """
+
+    def __init__(self, backbone: nn.Module, extras: Sequence[ExtraBlock]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        channels = backbone.out_channels
+        self.extras = extra_layers(channels, extras)
+        self.out_channels = [channels] * len(backbone.stages) + [b.out_channels for b in extras]
+        self.strides = list(backbone.strides)
+        for block in extras:
+            self.strides.append(self.strides[-1] * block.stride)
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        maps = list(self.backbone(x).values())
+        x = maps[-1]
+        for block in self.extras:
+            x = block(x)
+            maps.append(x)
+        return OrderedDict((str(i), m) for i, m in enumerate(maps))
+
+
 class SSDHead(nn.Module):
     """Per feature map, one 3 x 3 conv for the class scores and one for the box offsets of its default boxes.
 

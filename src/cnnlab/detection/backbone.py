@@ -32,8 +32,9 @@ __all__ = ["Backbone", "build_backbone", "run_tapped", "default_stages", "freeze
 FROZEN = ("frozen_batchnorm", "frozenbatchnorm", "frozen")
 # the FPN's extra levels above the last stage: "pool" (Faster R-CNN's P6, a stride-2 max pool of P5; for the RPN),
 # "p6p7" (RetinaNet's P6 and P7, 3x3 stride-2 convs from P5, as torchvision's retinanet_resnet50_fpn),
-# "p6p7_c5" (the same from C5, the last stage's own map, as Lin et al. 2017 and torchvision's v2 builder)
-EXTRA_BLOCKS = ("pool", "p6p7", "p6p7_c5")
+# "p6p7_c5" (the same from C5, the last stage's own map, as Lin et al. 2017 and torchvision's v2 builder),
+# "none" (no level above the last stage: SSD's extra blocks follow instead)
+EXTRA_BLOCKS = ("pool", "p6p7", "p6p7_c5", "none")
 
 
 class _StopForward(Exception):
@@ -104,8 +105,10 @@ class Backbone(nn.Module):
         return self.fpn(features) if self.fpn is not None else features
 
 
-def _extra_block(kind: str, last_channels: int, fpn_channels: int) -> tuple[ExtraFPNBlock, list[str]]:
+def _extra_block(kind: str, last_channels: int, fpn_channels: int) -> tuple[ExtraFPNBlock | None, list[str]]:
     """The FPN's extra block of ``kind`` (see :data:`EXTRA_BLOCKS`) and the names of the maps it adds."""
+    if kind == "none":
+        return None, []
     if kind == "pool":
         return LastLevelMaxPool(), ["pool"]
     if kind in ("p6p7", "p6p7_c5"):
@@ -267,7 +270,8 @@ def build_backbone(
             another layer name or factory (passed to the classifier); None: frozen with weights, batchnorm without.
         fpn_channels: channels of every FPN level.
         extra_block: the FPN's levels above the last stage (:data:`EXTRA_BLOCKS`): ``"pool"`` (Faster R-CNN's),
-            ``"p6p7"`` (RetinaNet's P6, P7 from P5, as torchvision), ``"p6p7_c5"`` (from C5, as the paper).
+            ``"p6p7"`` (RetinaNet's P6, P7 from P5, as torchvision), ``"p6p7_c5"`` (from C5, as the paper),
+            ``"none"`` (one level per returned stage).
         in_channels: input image channels.
         model_options: more keyword arguments of the classifier's builder (``{"output_stride": 8}`` for a dilated
             ResNet, as DeepLab needs).

@@ -23,7 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from cnnlab._errors import CnnlabError
-from cnnlab.detection._ssd_backbones import SSD300_EXTRAS, ExtraBlock, SSDHead, SSDVGG16, TappedBackbone
+from cnnlab.detection._ssd_backbones import (SSD300_EXTRAS, ExtraBlock, PyramidBackbone, SSDHead, SSDVGG16,
+                                             TappedBackbone)
 from cnnlab.detection._ssd_boxes import (DefaultBoxGenerator, MultiBoxLoss, SSDPostprocess, paper_aspect_ratios,
                                          paper_scales)
 from cnnlab.detection.anchor_fit import AnchorCheck
@@ -325,18 +326,21 @@ EXTRA_CHANNELS = (512, 256, 256, 256)
 @register_model(SSD_FAMILY, task="detection", default_input=(3, 300, 300),
                 notes="Any registered classifier as base (backbone='resnet18'): its stages of stride >= 8 and extra "
                       "stride-2 blocks (num_maps=6 maps in all), default-box scales and aspect ratios, size, "
-                      "backbone_weights (a cnnlab run folder or a file).")
+                      "backbone_weights (a cnnlab run folder or a file), fpn_channels (a feature pyramid on the "
+                      "stages).")
 def ssd(
     *, backbone: str = "resnet18", num_classes: int = 91, num_maps: int = 6,
     returned_stages: Sequence[int] | None = None, extra_channels: Sequence[int] | None = None,
     backbone_weights: str | os.PathLike | None = None, trainable_backbone_layers: int | None = None,
-    norm_layer: Any = None, **options: Any,
+    norm_layer: Any = None, fpn_channels: int | None = None, **options: Any,
 ) -> SSD:
     """SSD on any registered classifier. ``options``: see :data:`OPTIONS`.
 
     ``returned_stages``: indices into the classifier's ``feature_info`` (default: the stages of stride >= 8);
     ``extra_channels``: the output channels of the extra stride-2 blocks (default: the paper's 512, 256, 256, ...,
-    as many as make ``num_maps`` maps).
+    as many as make ``num_maps`` maps; with ``fpn_channels``, that many each). ``fpn_channels``: put a feature
+    pyramid of that width on the returned stages (:class:`PyramidBackbone`; DSSD/FSSD's top-down context), so
+    the first, high-resolution map also sees the deepest stage; None: the stages' own maps, as the paper.
     """
     parts = split_options(options)  # first: a typo fails before the backbone is built
     if not isinstance(num_maps, int) or num_maps < 1:
@@ -352,15 +356,22 @@ def ssd(
         stages = _default_stages(feature_info, num_maps) if feature_info else []
     else:
         stages = list(returned_stages)
-    body = build_backbone(backbone, fpn=False, returned_stages=stages[-1:] or None, weights=backbone_weights,
-                          trainable_layers=trainable_backbone_layers, norm_layer=norm_layer)
+    if fpn_channels is not None and (not isinstance(fpn_channels, int) or isinstance(fpn_channels, bool)
+                                     or fpn_channels < 1):
+        raise CnnlabError(f"fpn_channels={fpn_channels!r}: expected a positive int (the pyramid's width) or None")
+    # the classifier cut after the last returned stage; with a pyramid, tapped at each of them
+    body = build_backbone(backbone, fpn=fpn_channels is not None,
+                          returned_stages=(stages if fpn_channels is not None else stages[-1:]) or None,
+                          weights=backbone_weights, trainable_layers=trainable_backbone_layers, norm_layer=norm_layer,
+                          fpn_channels=fpn_channels or 256, extra_block="none")
     info = list(body.body.feature_info)
     if any(not isinstance(i, int) or not 0 <= i < len(info) for i in stages) or sorted(set(stages)) != stages:
         raise CnnlabError(f"returned_stages={returned_stages!r}: expected increasing indices in 0..{len(info) - 1} "
                           f"of {backbone}'s stages {[f'{f.module} (stride {f.stride})' for f in info]}")
     if extra_channels is None:
         count = max(0, num_maps - len(stages))
-        extra_channels = (EXTRA_CHANNELS + EXTRA_CHANNELS[-1:] * count)[:count]
+        widths = EXTRA_CHANNELS if fpn_channels is None else (fpn_channels,)
+        extra_channels = (widths + widths[-1:] * count)[:count]
     if any(not isinstance(c, int) or c < 1 for c in extra_channels):
         raise CnnlabError(f"extra_channels={list(extra_channels)!r}: expected positive ints (one per extra block)")
     extras = [ExtraBlock(max(1, c // 2), c) for c in extra_channels]
@@ -368,6 +379,8 @@ def ssd(
     if body.image_mean is not None and transform.image_mean is None and transform.image_std is None:
         # backbone weights from a run: normalise as that run did (its mean and std, per channel)
         parts["transform"] = replace(transform, image_mean=body.image_mean, image_std=body.image_std)
-    model = SSD(TappedBackbone(body.body, [info[i] for i in stages], extras), num_classes, **parts)
+    tapped = TappedBackbone(body.body, [info[i] for i in stages], extras) if fpn_channels is None \
+        else PyramidBackbone(body, extras)
+    model = SSD(tapped, num_classes, **parts)
     model.model_name = "ssd"
     return model

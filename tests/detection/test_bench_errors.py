@@ -1,0 +1,46 @@
+"""benchmarks/bench_detection.py ``errors``: the classification oracle that splits a detector's AP50 loss."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from cnnlab.detection import evaluate
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_detection.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_detection", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_relabelled_gives_found_boxes_the_true_class(bench):
+    targets = [{"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 40.0, 40.0]]),
+                "labels": torch.tensor([1, 2])}]
+    predictions = [{"boxes": torch.tensor([[1.0, 0.0, 10.0, 10.0],     # IoU 0.9 with box 0, wrong class
+                                           [20.0, 20.0, 40.0, 40.0],   # exact on box 1, right class
+                                           [20.0, 20.0, 29.0, 40.0],   # IoU 0.45 with box 1: not a find
+                                           [60.0, 60.0, 70.0, 70.0]]),  # background
+                    "scores": torch.tensor([0.9, 0.8, 0.7, 0.6]), "labels": torch.tensor([3, 2, 1, 3])}]
+    fixed = bench.relabelled(predictions, targets)
+    assert fixed[0]["labels"].tolist() == [1, 2, 1, 3]
+    assert torch.equal(fixed[0]["boxes"], predictions[0]["boxes"])
+    assert predictions[0]["labels"].tolist() == [3, 2, 1, 3]  # the input is left as it was
+    # the wrong class costs class 1 its AP; with the oracle's labels both classes are found first
+    assert float(evaluate(predictions, targets, "coco")["AP50"]) < 0.75
+    assert float(evaluate(fixed, targets, "coco", class_names=["a", "b", "c"])["AP50"]) == pytest.approx(1.0)
+
+
+def test_relabelled_keeps_images_without_boxes(bench):
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
+    predictions = [{"boxes": torch.tensor([[0.0, 0.0, 5.0, 5.0]]), "scores": torch.tensor([0.5]),
+                    "labels": torch.tensor([2])}, {**empty, "scores": torch.zeros(0)}]
+    fixed = bench.relabelled(predictions, [empty, {"boxes": torch.tensor([[0.0, 0.0, 5.0, 5.0]]),
+                                                   "labels": torch.tensor([1])}])
+    assert fixed[0]["labels"].tolist() == [2] and len(fixed[1]["labels"]) == 0
