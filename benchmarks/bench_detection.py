@@ -873,20 +873,23 @@ def test_canvases(n: int) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
     return images[:n], targets[:n]
 
 
-def relabelled(predictions: list[dict[str, Tensor]], targets: list[dict[str, Tensor]], iou: float = 0.5
-               ) -> list[dict[str, Tensor]]:
-    """Each detection that overlaps a true box at ``iou`` takes that box's label (its best-overlapping one):
+def relabelled(predictions: list[dict[str, Tensor]], targets: list[dict[str, Tensor]], iou: float = 0.5,
+               agnostic: bool = False) -> list[dict[str, Tensor]]:
+    """Each detection that overlaps a true box at ``iou`` takes that box's label (its best-overlapping one), and
+    the detections that became duplicates of a better-scoring one (same label, IoU >= ``iou``) are dropped:
     the AP the detector would have with the same boxes and scores and never a wrong class (TIDE's
-    classification oracle, Bolya et al. 2020); the other detections keep theirs."""
-    from torchvision.ops import box_iou
+    classification oracle, Bolya et al. 2020). ``agnostic``: every detection gets label 1 instead (with the
+    same de-duplication, so a box reported once per class counts once)."""
+    from torchvision.ops import batched_nms, box_iou
 
     out = []
     for p, t in zip(predictions, targets):
-        labels = p["labels"].clone()
-        if len(t["boxes"]) and len(p["boxes"]):
+        labels = torch.ones_like(p["labels"]) if agnostic else p["labels"].clone()
+        if not agnostic and len(t["boxes"]) and len(p["boxes"]):
             best, which = box_iou(p["boxes"], t["boxes"]).max(1)
             labels[best >= iou] = t["labels"][which[best >= iou]]
-        out.append({**p, "labels": labels})
+        keep = batched_nms(p["boxes"], p["scores"], labels, iou)
+        out.append({"boxes": p["boxes"][keep], "scores": p["scores"][keep], "labels": labels[keep]})
     return out
 
 
@@ -909,7 +912,7 @@ def errors(args) -> dict[str, Any]:
                                for p in model(images[i:i + 32]))
     metrics = evaluate(predictions, targets, "coco", class_names=run.classes)
     fixed = evaluate(relabelled(predictions, targets), targets, "coco", class_names=run.classes)
-    agnostic = evaluate([{**p, "labels": torch.ones_like(p["labels"])} for p in predictions],
+    agnostic = evaluate(relabelled(predictions, targets, agnostic=True),
                         [{**t, "labels": torch.ones_like(t["labels"])} for t in targets], "coco")
     # per true box: found by some detection (any class, IoU >= 0.5); the class of the best-scoring one that does
     found = right = total = 0

@@ -26,14 +26,18 @@ def test_relabelled_gives_found_boxes_the_true_class(bench):
     predictions = [{"boxes": torch.tensor([[1.0, 0.0, 10.0, 10.0],     # IoU 0.9 with box 0, wrong class
                                            [20.0, 20.0, 40.0, 40.0],   # exact on box 1, right class
                                            [20.0, 20.0, 29.0, 40.0],   # IoU 0.45 with box 1: not a find
-                                           [60.0, 60.0, 70.0, 70.0]]),  # background
-                    "scores": torch.tensor([0.9, 0.8, 0.7, 0.6]), "labels": torch.tensor([3, 2, 1, 3])}]
+                                           [60.0, 60.0, 70.0, 70.0],   # background
+                                           [0.0, 0.0, 10.0, 10.0]]),   # box 0 again, lower: a duplicate once fixed
+                    "scores": torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5]), "labels": torch.tensor([3, 2, 1, 3, 1])}]
     fixed = bench.relabelled(predictions, targets)
     assert fixed[0]["labels"].tolist() == [1, 2, 1, 3]
-    assert torch.equal(fixed[0]["boxes"], predictions[0]["boxes"])
-    assert predictions[0]["labels"].tolist() == [3, 2, 1, 3]  # the input is left as it was
-    # the wrong class costs class 1 its AP; with the oracle's labels both classes are found first
-    assert float(evaluate(predictions, targets, "coco")["AP50"]) < 0.75
+    assert torch.equal(fixed[0]["boxes"], predictions[0]["boxes"][:4])
+    assert predictions[0]["labels"].tolist() == [3, 2, 1, 3, 1]  # the input is left as it was
+    # class-agnostic: one label, each box once (the duplicate of box 0 is dropped, the IoU-0.45 one is not)
+    one = bench.relabelled(predictions, targets, agnostic=True)
+    assert one[0]["labels"].tolist() == [1, 1, 1, 1] and one[0]["scores"].tolist() == pytest.approx([0.9, 0.8, 0.7, 0.6])
+    # as predicted, class 1's find (0.5) ranks below a false one (0.7): AP 0.5, class 2's 1.0; fixed, both 1.0
+    assert float(evaluate(predictions, targets, "coco")["AP50"]) == pytest.approx(0.75)
     assert float(evaluate(fixed, targets, "coco", class_names=["a", "b", "c"])["AP50"]) == pytest.approx(1.0)
 
 

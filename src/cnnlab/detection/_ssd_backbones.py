@@ -65,11 +65,26 @@ class ExtraBlock:
 SSD300_EXTRAS = (ExtraBlock(256, 512), ExtraBlock(128, 256), ExtraBlock(128, 256, 1, 0), ExtraBlock(128, 256, 1, 0))
 
 
+class ExtraLayer(nn.Sequential):
+    """One extra block's two convs; on a CPU under autocast, a map of one row or column (1 x 1 is the case seen)
+    goes through them in fp32. Why: torch 2.14.1's CPU bf16 convolution (oneDNN) returns NaN weight gradients now and then for a 3 x 3,
+    stride-2, padding-1 conv on a 1 x 1 input (measured: 5-14 of 40 random trials, never in fp32 nor on 2 x 2 or
+    larger inputs), which is where SSD's last extra blocks are at small sizes (128 px: 4 -> 2 -> 1 -> 1), and one
+    such step turns every weight into NaN. Such maps cost nothing in fp32."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if min(x.shape[-2:]) == 1 and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.float())
+        return super().forward(x)
+
+
 def extra_layers(in_channels: int, blocks: Sequence[ExtraBlock]) -> nn.ModuleList:
-    """The extra blocks after the base network, each a ``Sequential`` of two ``ConvNormAct`` (conv + ReLU)."""
+    """The extra blocks after the base network, each an :class:`ExtraLayer` of two ``ConvNormAct`` (conv +
+    ReLU)."""
     layers = nn.ModuleList()
     for block in blocks:
-        layers.append(nn.Sequential(
+        layers.append(ExtraLayer(
             ConvNormAct(in_channels, block.mid_channels, 1, norm_layer=None),
             ConvNormAct(block.mid_channels, block.out_channels, 3, block.stride, block.padding, norm_layer=None),
         ))
