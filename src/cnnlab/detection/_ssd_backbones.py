@@ -67,10 +67,10 @@ SSD300_EXTRAS = (ExtraBlock(256, 512), ExtraBlock(128, 256), ExtraBlock(128, 256
 
 class ExtraLayer(nn.Sequential):
     """One extra block's two convs; on a CPU under autocast, a map of one row or column (1 x 1 is the case seen)
-    goes through them in fp32. Why: torch 2.14.1's CPU bf16 convolution (oneDNN) returns NaN weight gradients now and then for a 3 x 3,
-    stride-2, padding-1 conv on a 1 x 1 input (measured: 5-14 of 40 random trials, never in fp32 nor on 2 x 2 or
-    larger inputs), which is where SSD's last extra blocks are at small sizes (128 px: 4 -> 2 -> 1 -> 1), and one
-    such step turns every weight into NaN. Such maps cost nothing in fp32."""
+    goes through them in fp32. Why: torch 2.14.1's CPU bf16 convolution (oneDNN) returns NaN weight gradients now
+    and then for a 3 x 3, stride-2, padding-1 conv on a 1 x 1 input (measured: 5-14 of 40 random trials, never in
+    fp32 nor on 2 x 2 or larger inputs), which is where SSD's last extra blocks are at small sizes (128 px: maps
+    4 -> 2 -> 1 -> 1), and one such step turns every weight into NaN. Such maps cost nothing in fp32."""
 
     def forward(self, x: Tensor) -> Tensor:
         if min(x.shape[-2:]) == 1 and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
@@ -154,10 +154,16 @@ class SSDVGG16(nn.Module):
         x = self.stages[4](self.pool4(x))  # conv5_3 at stride 16
         x = self.fc7(self.fc6(self.pool5(x)))  # (B, 1024, 19, 19)
         maps.append(x)
-        for block in self.extras:
-            x = block(x)
-            maps.append(x)
-        return OrderedDict((str(i), m) for i, m in enumerate(maps))
+        return with_extras(maps, self.extras)
+
+
+def with_extras(maps: list[Tensor], extras: nn.ModuleList) -> OrderedDict[str, Tensor]:
+    """``maps`` and, after them, each extra block's output on the previous one: SSD's maps named "0", "1", ..."""
+    x = maps[-1]
+    for block in extras:
+        x = block(x)
+        maps.append(x)
+    return OrderedDict((str(i), m) for i, m in enumerate(maps))
 
 
 class TappedBackbone(nn.Module):
@@ -183,12 +189,7 @@ class TappedBackbone(nn.Module):
         from cnnlab.detection.backbone import run_tapped  # the stage taps build_backbone's Backbone uses
 
         taps = run_tapped(self.body, x, [s.module for s in self.stages])
-        maps = [taps[s.module] for s in self.stages]
-        x = maps[-1]
-        for block in self.extras:
-            x = block(x)
-            maps.append(x)
-        return OrderedDict((str(i), m) for i, m in enumerate(maps))
+        return with_extras([taps[s.module] for s in self.stages], self.extras)
 
 
 class PyramidBackbone(nn.Module):
@@ -212,12 +213,7 @@ class PyramidBackbone(nn.Module):
             self.strides.append(self.strides[-1] * block.stride)
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
-        maps = list(self.backbone(x).values())
-        x = maps[-1]
-        for block in self.extras:
-            x = block(x)
-            maps.append(x)
-        return OrderedDict((str(i), m) for i, m in enumerate(maps))
+        return with_extras(list(self.backbone(x).values()), self.extras)
 
 
 class SSDHead(nn.Module):
