@@ -1023,12 +1023,17 @@ def main(argv: list[str] | None = None) -> None:
     cmp.add_argument("--out", help="JSON file for the results")
     cmp.add_argument("--plot", default="", help="PNG of AP50 against latency")
 
-    cl = sub.add_parser("ceiling", help="fashion_det's AP with perfect boxes and a classifier run's scores: what "
-                        "the backbone's classification allows a detector")
-    cl.add_argument("run", help="a classification run folder (the backbone, e.g. runs/pre_resnet18_40)")
-    cl.add_argument("--images", type=int, default=0, help="the first N test canvases (0: all)")
-    cl.add_argument("--threads", type=int, default=1)
-    cl.add_argument("--out", help="JSON file for the result")
+    def one_run(name: str, about: str, run: str, images: int, images_help: str) -> None:
+        """A subcommand on one run folder and the first ``--images`` test canvases, with --threads and --out."""
+        command = sub.add_parser(name, help=about)
+        command.add_argument("run", help=run)
+        command.add_argument("--images", type=int, default=images, help=images_help)
+        command.add_argument("--threads", type=int, default=1)
+        command.add_argument("--out", help="JSON file for the result")
+
+    one_run("ceiling", "fashion_det's AP with perfect boxes and a classifier run's scores: what the backbone's "
+            "classification allows a detector", "a classification run folder (the backbone, e.g. "
+            "runs/pre_resnet18_40)", 0, "the first N test canvases (0: all)")
 
     tm = sub.add_parser("time-runs", help="trained detectors' per-image latency at batch 1 on a data set's images")
     tm.add_argument("runs", nargs="+", help="detection run folders")
@@ -1047,12 +1052,8 @@ def main(argv: list[str] | None = None) -> None:
     cr.add_argument("root", help="the folder to write (root/train, root/test)")
     cr.add_argument("--size", type=int, default=40, help="side of the square crops in pixels")
 
-    er = sub.add_parser("errors", help="where a trained fashion_det detector's AP50 goes: classification, "
-                        "localisation, item size")
-    er.add_argument("run", help="a detection run folder")
-    er.add_argument("--images", type=int, default=1000, help="the first N test canvases")
-    er.add_argument("--threads", type=int, default=1)
-    er.add_argument("--out", help="JSON file for the result")
+    one_run("errors", "where a trained fashion_det detector's AP50 goes: classification, localisation, item size",
+            "a detection run folder", 1000, "the first N test canvases")
 
     args = parser.parse_args(argv)
     if args.command == "errors":
