@@ -857,7 +857,7 @@ def write_crops(args) -> None:
 
 
 # -- where a detector's AP goes ----------------------------------------------------------------------------------
-def test_canvases(n: int) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+def canvases_and_targets(n: int) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
     """The first ``n`` fashion_det test canvases (as the engine feeds them) and their targets."""
     from cnnlab.data.config import DataConfig
     from cnnlab.data.detection_data import build_detection_data
@@ -904,7 +904,7 @@ def errors(args) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     run = load_run(args.run)
     model = run.model.eval()
-    images, targets = test_canvases(args.images)
+    images, targets = canvases_and_targets(args.images)
     predictions = []
     with torch.inference_mode():
         for i in range(0, len(images), 32):
