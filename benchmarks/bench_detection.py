@@ -111,17 +111,7 @@ def has_bf16(info: dict[str, Any]) -> bool:
 # -- images -------------------------------------------------------------------------------------------------
 def canvas_images(n: int) -> list[Tensor]:
     """The first ``n`` fashion_det test canvases, (3, 128, 128) floats in 0..1 (grey, expanded to 3 channels)."""
-    from cnnlab.data.config import DataConfig
-    from cnnlab.data.detection_data import build_detection_data
-
-    bundle = build_detection_data(DataConfig(name="fashion_det", eval_batch_size=1, download=False),
-                                  torch.device("cpu"))
-    images = []
-    for batch_images, _ in bundle.test:
-        images.append(batch_images[0].contiguous())
-        if len(images) == n:
-            break
-    return images
+    return canvases_and_targets(n)[0]
 
 
 def real_images(n: int, canvases: Callable[[int], list[Tensor]]) -> tuple[list[Tensor], str]:
@@ -858,7 +848,8 @@ def write_crops(args) -> None:
 
 # -- where a detector's AP goes ----------------------------------------------------------------------------------
 def canvases_and_targets(n: int) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
-    """The first ``n`` fashion_det test canvases (as the engine feeds them) and their targets."""
+    """The first ``n`` fashion_det test canvases (as the engine feeds them: (3, 128, 128) floats in 0..1) and
+    their targets (``boxes``, ``labels``)."""
     from cnnlab.data.config import DataConfig
     from cnnlab.data.detection_data import build_detection_data
 

@@ -157,6 +157,13 @@ class SSDVGG16(nn.Module):
         return with_extras(maps, self.extras)
 
 
+def extra_strides(strides: list[int], extras: Sequence[ExtraBlock]) -> list[int]:
+    """The maps' strides: ``strides`` and, after them, each extra block's (the previous one times its stride)."""
+    for block in extras:
+        strides.append(strides[-1] * block.stride)
+    return strides
+
+
 def with_extras(maps: list[Tensor], extras: nn.ModuleList) -> OrderedDict[str, Tensor]:
     """``maps`` and, after them, each extra block's output on the previous one: SSD's maps named "0", "1", ..."""
     x = maps[-1]
@@ -181,9 +188,7 @@ class TappedBackbone(nn.Module):
         self.stages = list(stages)
         self.extras = extra_layers(self.stages[-1].channels, extras)
         self.out_channels = [s.channels for s in self.stages] + [b.out_channels for b in extras]
-        self.strides = [s.stride for s in self.stages]
-        for block in extras:
-            self.strides.append(self.strides[-1] * block.stride)
+        self.strides = extra_strides([s.stride for s in self.stages], extras)
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
         from cnnlab.detection.backbone import run_tapped  # the stage taps build_backbone's Backbone uses
@@ -208,9 +213,7 @@ class PyramidBackbone(nn.Module):
         channels = backbone.out_channels
         self.extras = extra_layers(channels, extras)
         self.out_channels = [channels] * len(backbone.stages) + [b.out_channels for b in extras]
-        self.strides = list(backbone.strides)
-        for block in extras:
-            self.strides.append(self.strides[-1] * block.stride)
+        self.strides = extra_strides(list(backbone.strides), extras)
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
         return with_extras(list(self.backbone(x).values()), self.extras)
