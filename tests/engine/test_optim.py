@@ -65,3 +65,33 @@ def test_l1_l2_penalties_skip_biases():
     assert penalty(model, 0.1, 0.0).item() == pytest.approx(0.3)
     assert penalty(model, 0.0, 0.1).item() == pytest.approx(0.5)
     assert penalty(model, 0.0, 0.0) is None
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_the_cpu_update_is_fused_and_equals_the_default_one(name, monkeypatch):
+    from cnnlab.engine import optim
+
+    torch.manual_seed(0)
+    # no conv bias before the norm: its gradient would be rounding noise alone, which Adam scales up to lr-sized
+    # steps whose sign the order of the arithmetic decides
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
+    twin = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
+    twin.load_state_dict(model.state_dict())
+    start = model[0].weight.detach().clone()
+    config = OptimConfig(optimizer=name, lr=0.01, weight_decay=0.05)
+    fused = build_optimizer(model, config, batch_size=4)
+    assert fused.defaults["fused"] is True
+    monkeypatch.setattr(optim, "implementation", lambda groups: {})
+    plain = build_optimizer(twin, config, batch_size=4)
+    assert not plain.defaults["fused"]
+    x = torch.randn(4, 3, 8, 8)
+    for _ in range(20):
+        for net, opt in ((model, fused), (twin, plain)):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    # the same arithmetic in another order: each of the 20 updates may round differently by a few units in the
+    # last place of fp32 (2**-23 relative), so the weights may differ by about 20 * 4 * 2**-23 of their scale
+    for (n, a), b in zip(model.named_parameters(), twin.parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=80 * 2 ** -23 * float(b.detach().abs().max())), n
+    assert (model[0].weight - start).abs().max() > 1e-3  # and both did train
