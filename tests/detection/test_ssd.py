@@ -224,6 +224,30 @@ def test_pyramid_maps_see_the_deepest_stage():
         assert model(images)[0]["boxes"].shape[1] == 4
 
 
+def test_head_blocks_start_as_the_identity_and_train():
+    torch.manual_seed(0)
+    plain = ssd(backbone="resnet18", num_classes=K, size=128, num_maps=4)
+    model = ssd(backbone="resnet18", num_classes=K, size=128, num_maps=4, head_blocks=[2, 1])
+    assert list(model.head.blocks) == ["0", "1"] and len(model.head.blocks["0"]) == 2
+    assert "blocks" not in "".join(plain.state_dict())  # the paper's head: no new keys (torchvision's layout)
+    # a new block's second conv is zero: the head sees the backbone's maps as they are
+    maps = [torch.rand(1, c, s, s) for c, s in zip(model.backbone.out_channels, (16, 8, 4, 2))]
+    assert all(torch.equal(model.head.blocks[k](maps[int(k)]), maps[int(k)]) for k in model.head.blocks)
+    images, targets = _small_scene()
+    losses = model(images, targets)
+    sum(losses.values()).backward()
+    block = model.head.blocks["0"][0]
+    assert block.conv2.weight.grad.abs().sum() > 0  # the zero conv learns first ...
+    torch.optim.SGD(model.parameters(), lr=1e-3).step()
+    model.zero_grad()
+    sum(model(images, targets).values()).backward()
+    assert block.conv1.weight.grad.abs().sum() > 0, [b.conv1.weight.grad.abs().sum() for b in model.head.blocks["0"]]  # ... then the first one
+    every = ssd(backbone="resnet18", num_classes=K, size=128, num_maps=4, head_blocks=1)
+    assert list(every.head.blocks) == ["0", "1", "2", "3"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a 1 x 1 map runs in fp32 (see the extra blocks' test)
+        assert every.head.blocks["3"](torch.rand(1, 512, 1, 1)).dtype == torch.float32
+
+
 def test_extra_blocks_on_1x1_maps_keep_bf16_gradients_finite():
     # torch's CPU bf16 conv gives NaN weight gradients now and then for a 3x3 stride-2 conv on a 1x1 input
     # (5-14 of 40 trials when measured); the extra blocks run such maps in fp32, so none of 40 may be NaN
@@ -294,6 +318,9 @@ def test_engine_detection_step(small):
     ({"returned_stages": [4, 2]}, "returned_stages"),
     ({"extra_channels": [256, 0]}, "extra_channels"),
     ({"fpn_channels": 0}, "fpn_channels"),
+    ({"head_blocks": [1, -1]}, "head_blocks"),
+    ({"head_blocks": [1] * 9}, "at most 6"),
+    ({"head_blocks": "2"}, "head_blocks"),
 ])
 def test_bad_options_are_refused(options, words):
     with pytest.raises(CnnlabError) as info:

@@ -22,7 +22,7 @@ from cnnlab.models.base import FeatureInfo
 from cnnlab.models.vgg import VGG16, VGGStage
 
 __all__ = ["L2Norm", "ExtraBlock", "SSD300_EXTRAS", "extra_layers", "SSDVGG16", "TappedBackbone", "SSDHead",
-           "xavier_init"]
+           "PredictionBlock", "xavier_init"]
 
 
 def xavier_init(module: nn.Module) -> None:
@@ -73,10 +73,16 @@ class ExtraLayer(nn.Sequential):
     4 -> 2 -> 1 -> 1), and one such step turns every weight into NaN. Such maps cost nothing in fp32."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if min(x.shape[-2:]) == 1 and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            with torch.autocast("cpu", enabled=False):
-                return super().forward(x.float())
-        return super().forward(x)
+        return one_pixel_in_fp32(super().forward, x)
+
+
+def one_pixel_in_fp32(forward, x: Tensor) -> Tensor:
+    """``forward(x)``, in fp32 when ``x`` is a map of one row or column on a CPU under autocast (see
+    :class:`ExtraLayer` for why)."""
+    if min(x.shape[-2:]) == 1 and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return forward(x.float())
+    return forward(x)
 
 
 def extra_layers(in_channels: int, blocks: Sequence[ExtraBlock]) -> nn.ModuleList:
@@ -219,6 +225,27 @@ class PyramidBackbone(nn.Module):
         return with_extras(list(self.backbone(x).values()), self.extras)
 
 
+class PredictionBlock(nn.Module):
+    """A residual block between a feature map and SSD's predictors (DSSD's prediction module, Fu et al. 2017,
+    Fig. 4, which found a residual block per map better than predicting from the maps directly): ``relu(x +
+    conv(relu(conv(x))))`` of two 3 x 3 convs of the map's width, without normalisation (SSD's head has none).
+    The second conv starts at zero, so a new block is the identity and a pretrained backbone's maps reach the
+    predictors unchanged at the first step. ``channels``: the map's."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        xavier_init(self)
+        nn.init.zeros_(self.conv2.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return one_pixel_in_fp32(self._residual, x)  # 1 x 1 maps in fp32, as the extra blocks
+
+    def _residual(self, x: Tensor) -> Tensor:
+        return F.relu(x + self.conv2(F.relu(self.conv1(x))))
+
+
 class SSDHead(nn.Module):
     """Per feature map, one 3 x 3 conv for the class scores and one for the box offsets of its default boxes.
 
@@ -228,14 +255,21 @@ class SSDHead(nn.Module):
         in_channels: the channels of each map.
         num_anchors: default boxes per position on each map.
         num_classes: classes including the background.
+        blocks: :class:`PredictionBlock` count per map, first map first (missing entries: 0); none by default,
+            as the paper.
     """
 
-    def __init__(self, in_channels: Sequence[int], num_anchors: Sequence[int], num_classes: int) -> None:
+    def __init__(self, in_channels: Sequence[int], num_anchors: Sequence[int], num_classes: int,
+                 blocks: Sequence[int] = ()) -> None:
         super().__init__()
         self.in_channels, self.num_anchors = list(in_channels), list(num_anchors)
         self.cls_logits = self.predictors(num_classes)
         self.bbox_pred = self.predictors(4)
         self.num_classes = num_classes
+        counts = list(blocks) + [0] * (len(self.in_channels) - len(blocks))
+        # no module at all where a map has no block: the torchvision layout's state_dict stays as it is
+        self.blocks = nn.ModuleDict({str(i): nn.Sequential(*(PredictionBlock(c) for _ in range(n)))
+                                     for i, (c, n) in enumerate(zip(self.in_channels, counts)) if n})
 
     def predictors(self, columns: int) -> nn.ModuleList:
         convs = nn.ModuleList(nn.Conv2d(c, columns * a, 3, padding=1)
@@ -260,4 +294,6 @@ class SSDHead(nn.Module):
 
     def forward(self, maps: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """-> (class logits (B, D, K + 1), box offsets (B, D, 4))."""
+        if len(self.blocks):
+            maps = [self.blocks[str(i)](m) if str(i) in self.blocks else m for i, m in enumerate(maps)]
         return self._flatten(self.cls_logits, maps, self.num_classes), self._flatten(self.bbox_pred, maps, 4)

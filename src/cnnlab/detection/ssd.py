@@ -161,6 +161,8 @@ class SSD(AnchorCheck, nn.Module):
         backbone: images (B, C, H, W) -> ``OrderedDict`` of feature maps; its ``out_channels`` lists their channels.
         num_classes: classes including the background (K + 1).
         transform, boxes, loss, postprocess: the parts' configs (defaults: torchvision's; boxes: the paper's).
+        head_blocks: residual prediction blocks per map before the predictors (DSSD's prediction module; see
+            :class:`PredictionBlock`), first map first; none by default, as the paper.
     """
 
     head_name = "head.cls_logits"  # the class-specific part (weights for another class count skip it)
@@ -175,7 +177,7 @@ class SSD(AnchorCheck, nn.Module):
 
     def __init__(self, backbone: nn.Module, num_classes: int, *, transform: SSDTransformConfig | None = None,
                  boxes: DefaultBoxConfig | None = None, loss: MultiBoxConfig | None = None,
-                 postprocess: SSDPostprocessConfig | None = None) -> None:
+                 postprocess: SSDPostprocessConfig | None = None, head_blocks: Sequence[int] = ()) -> None:
         super().__init__()
         transform, boxes = transform or SSDTransformConfig(), boxes or DefaultBoxConfig()
         loss, postprocess = loss or MultiBoxConfig(), postprocess or SSDPostprocessConfig()
@@ -190,7 +192,11 @@ class SSD(AnchorCheck, nn.Module):
                                             transform.image_std, size_divisible=1, fixed_size=(width, height))
         self.backbone = backbone
         self.default_boxes = boxes.generator(len(channels))
-        self.head = SSDHead(channels, self.default_boxes.num_anchors_per_location(), num_classes)
+        if len(head_blocks) > len(channels) or any(isinstance(n, bool) or not isinstance(n, int) or n < 0
+                                                   for n in head_blocks):
+            raise CnnlabError(f"head_blocks={list(head_blocks)!r}: expected at most {len(channels)} non-negative ints "
+                              "(prediction blocks per feature map, first map first)")
+        self.head = SSDHead(channels, self.default_boxes.num_anchors_per_location(), num_classes, head_blocks)
         coder = BoxCoder((10.0, 10.0, 5.0, 5.0))  # torchvision's SSD weights (the paper's variances 0.1, 0.2)
         self.loss = MultiBoxLoss(coder, loss.iou_thresh, loss.positive_fraction)
         self.postprocess = SSDPostprocess(coder, postprocess.score_thresh, postprocess.nms_thresh,
@@ -327,12 +333,12 @@ EXTRA_CHANNELS = (512, 256, 256, 256)
                 notes="Any registered classifier as base (backbone='resnet18'): its stages of stride >= 8 and extra "
                       "stride-2 blocks (num_maps=6 maps in all), default-box scales and aspect ratios, size, "
                       "backbone_weights (a cnnlab run folder or a file), fpn_channels (a feature pyramid on the "
-                      "stages).")
+                      "stages), head_blocks (residual prediction blocks per map).")
 def ssd(
     *, backbone: str = "resnet18", num_classes: int = 91, num_maps: int = 6,
     returned_stages: Sequence[int] | None = None, extra_channels: Sequence[int] | None = None,
     backbone_weights: str | os.PathLike | None = None, trainable_backbone_layers: int | None = None,
-    norm_layer: Any = None, fpn_channels: int | None = None, **options: Any,
+    norm_layer: Any = None, fpn_channels: int | None = None, head_blocks: int | Sequence[int] = 0, **options: Any,
 ) -> SSD:
     """SSD on any registered classifier. ``options``: see :data:`OPTIONS`.
 
@@ -341,6 +347,9 @@ def ssd(
     as many as make ``num_maps`` maps; with ``fpn_channels``, that many each). ``fpn_channels``: put a feature
     pyramid of that width on the returned stages (:class:`PyramidBackbone`; DSSD/FSSD's top-down context), so
     the first, high-resolution map also sees the deepest stage; None: the stages' own maps, as the paper.
+    ``head_blocks``: residual prediction blocks before the predictors (DSSD's prediction module), as a count per
+    map, first map first (``[2, 1]``: two on the stride-8 map, one on the next, none beyond), or one count for
+    every map; 0: none, as the paper.
     """
     parts = split_options(options)  # first: a typo fails before the backbone is built
     if not isinstance(num_maps, int) or num_maps < 1:
@@ -381,6 +390,11 @@ def ssd(
         parts["transform"] = replace(transform, image_mean=body.image_mean, image_std=body.image_std)
     tapped = TappedBackbone(body.body, [info[i] for i in stages], extras) if fpn_channels is None \
         else PyramidBackbone(body, extras)
-    model = SSD(tapped, num_classes, **parts)
+    if isinstance(head_blocks, int) and not isinstance(head_blocks, bool):
+        head_blocks = [head_blocks] * len(tapped.out_channels)
+    elif not isinstance(head_blocks, (list, tuple)):
+        raise CnnlabError(f"head_blocks={head_blocks!r}: expected an int or a list of ints (prediction blocks per "
+                          "feature map)")
+    model = SSD(tapped, num_classes, head_blocks=list(head_blocks), **parts)
     model.model_name = "ssd"
     return model
