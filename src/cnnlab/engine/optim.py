@@ -73,22 +73,17 @@ def build_optimizer(model: nn.Module, config: OptimConfig, batch_size: int, lr_m
 
 
 def implementation(groups: list[dict]) -> dict[str, bool]:
-    """``fused=True`` when every parameter is a floating tensor on the CPU, or every one on a CUDA device: one
-    pass updates them all.
+    """``fused=True`` when every parameter is a floating CUDA tensor: one kernel updates them all.
 
-    The default (``foreach``) update reads and writes each state tensor in several separate passes; the fused
-    one does the whole update per element in one. On the CPU (torch 2.14.1, one thread, ``optimizer.step()``
-    over ResNet-18's 11.2M parameters) that is SGD with momentum 18.1 -> 6.2 ms, Adam 64 -> 14 ms, AdamW 65 ->
-    16 ms; for SSD on ResNet-18 with AdamW, a fifth of a 128 px training step of 8 images. On a GPU it saves
-    the per-chunk kernel launches. The updates are the same arithmetic in another order: equal to a few units
-    in the last place of fp32 (where a gradient is itself rounding noise, as a conv bias before a batch norm,
-    Adam's normalised steps on it may differ in sign).
+    On a GPU the per-parameter (or per-foreach-chunk) launches of the default update are a real share of a
+    small network's step; fused SGD/Adam/AdamW do the whole update in one pass. On the CPU the fused update is
+    also faster (torch 2.14.1, one thread, ResNet-18: AdamW 46 -> 8 ms per ``optimizer.step()``,
+    benchmarks/bench_optim.py), but runs resumed from a cnnlab checkpoint with it were not bitwise equal to
+    straight runs (tests/engine/test_trainer.py's resume tests; torch's own state_dict round trip is), so the
+    CPU keeps the default update until that is understood.
     """
     params = [p for g in groups for p in g["params"]]
-    if not params or not all(p.is_floating_point() for p in params):
-        return {}
-    devices = {p.device.type for p in params}
-    return {"fused": True} if devices == {"cpu"} or devices == {"cuda"} else {}
+    return {"fused": True} if params and all(p.is_cuda and p.is_floating_point() for p in params) else {}
 
 
 def lr_factor(config: OptimConfig, step: int, steps_per_epoch: int, total_steps: int) -> float:
