@@ -56,20 +56,15 @@ def scaled_lr(config: OptimConfig, batch_size: int) -> float:
 
 def build_optimizer(model: nn.Module, config: OptimConfig, batch_size: int, lr_mult: dict[str, float] | None = None) -> torch.optim.Optimizer:
     groups = param_groups(model, config, scaled_lr(config, batch_size), lr_mult or {})
-    choices = {"sgd": (torch.optim.SGD, {"momentum": config.momentum,
-                                         "nesterov": config.nesterov and config.momentum > 0}),
-               "adam": (torch.optim.Adam, {"betas": config.betas}),
-               "adamw": (torch.optim.AdamW, {"betas": config.betas})}
-    if config.optimizer not in choices:
-        raise CnnlabError(f"unknown optimizer {config.optimizer!r}; choose sgd, adam or adamw")
-    cls, options = choices[config.optimizer]
     fast = implementation(groups)
-    if fast:
-        try:
-            return cls(groups, lr=groups[0]["lr"], **options, **fast)
-        except (RuntimeError, ValueError):  # a torch without the fused kernel for this device: the default update
-            pass
-    return cls(groups, lr=groups[0]["lr"], **options)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=config.momentum,
+                               nesterov=config.nesterov and config.momentum > 0, **fast)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=groups[0]["lr"], betas=config.betas, **fast)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=groups[0]["lr"], betas=config.betas, **fast)
+    raise CnnlabError(f"unknown optimizer {config.optimizer!r}; choose sgd, adam or adamw")
 
 
 def implementation(groups: list[dict]) -> dict[str, bool]:
