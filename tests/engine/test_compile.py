@@ -85,15 +85,17 @@ def test_compile_mode_is_checked(tmp_path):
         train(apply_overrides(tiny_config(tmp_path), ["model.compile=true", "model.compile_mode=fastest"]))
 
 
-def test_fused_optimizer_only_for_cuda_parameters():
-    cpu = [{"params": [torch.nn.Parameter(torch.zeros(3))]}]
-    assert implementation(cpu) == {}
+def test_fused_optimizer_for_floating_parameters():
+    floating = [{"params": [torch.nn.Parameter(torch.zeros(3))]}]
+    assert implementation(floating) == {"fused": True}
+    assert implementation([{"params": [torch.nn.Parameter(torch.zeros(3, dtype=torch.int64), requires_grad=False)]}]) == {}
+    assert implementation([]) == {}
     model = torch.nn.Linear(3, 2)
     from cnnlab.engine.config import OptimConfig
     for name in ("sgd", "adam", "adamw"):
         opt = build_optimizer(model, OptimConfig(optimizer=name), 32)
-        assert not opt.defaults.get("fused")
-    if torch.cuda.is_available():  # on a GPU machine: every optimizer takes the fused path
+        assert opt.defaults.get("fused") is True
+    if torch.cuda.is_available():  # on a GPU machine too
         model = model.cuda()
         for name in ("sgd", "adam", "adamw"):
             assert build_optimizer(model, OptimConfig(optimizer=name), 32).defaults["fused"] is True

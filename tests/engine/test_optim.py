@@ -7,7 +7,7 @@ from torch import nn
 
 from cnnlab._errors import CnnlabError
 from cnnlab.engine.config import OptimConfig
-from cnnlab.engine.optim import build_optimizer, freeze, lr_factor, penalty, scaled_lr
+from cnnlab.engine.optim import build_optimizer, freeze, lr_factor, match_state_layout, penalty, scaled_lr
 
 
 def test_onecycle_rises_to_peak_then_decays():
@@ -79,10 +79,10 @@ def test_the_fused_update_equals_the_default_one(name, monkeypatch):
     twin.load_state_dict(model.state_dict())
     start = model[0].weight.detach().clone()
     config = OptimConfig(optimizer=name, lr=0.01, weight_decay=0.05)
-    plain = build_optimizer(twin, config, batch_size=4)
-    assert not plain.defaults["fused"]  # the CPU's default update (see optim.implementation for why)
-    monkeypatch.setattr(optim, "implementation", lambda groups: {"fused": True})
     fused = build_optimizer(model, config, batch_size=4)
+    monkeypatch.setattr(optim, "implementation", lambda groups: {})
+    plain = build_optimizer(twin, config, batch_size=4)
+    assert not plain.defaults["fused"]
     assert fused.defaults["fused"] is True
     x = torch.randn(4, 3, 8, 8)
     for _ in range(20):
@@ -95,3 +95,37 @@ def test_the_fused_update_equals_the_default_one(name, monkeypatch):
     for (n, a), b in zip(model.named_parameters(), twin.parameters()):
         assert torch.allclose(a, b, rtol=0, atol=80 * 2 ** -23 * float(b.detach().abs().max())), n
     assert (model[0].weight - start).abs().max() > 1e-3  # and both did train
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_state_loaded_contiguous_gets_the_channels_last_strides_back(name):
+    # a checkpoint stores the moment buffers contiguous; the fused kernels index parameter, gradient and state
+    # alike, so without the strides restored the resumed update lands on the wrong elements
+    torch.manual_seed(0)
+    model = nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
+    twin = nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 6, 6).to(memory_format=torch.channels_last)
+    config = OptimConfig(optimizer=name, lr=0.1)
+    opts = [build_optimizer(m, config, batch_size=2) for m in (model, twin)]
+    assert opts[0].defaults["fused"] is True
+
+    def step(net, opt):
+        opt.zero_grad()
+        net(x).square().mean().backward()
+        opt.step()
+
+    twin.load_state_dict(model.state_dict())
+    step(model, opts[0])
+    step(twin, opts[1])
+    saved = opts[1].state_dict()  # as a checkpoint loads it back: every tensor contiguous
+    saved["state"] = {i: {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+                      for i, st in saved["state"].items()}
+    opts[1].load_state_dict(saved)
+    buffer = "momentum_buffer" if name == "sgd" else "exp_avg"
+    assert opts[1].state[twin.weight][buffer].stride() != twin.weight.stride()
+    match_state_layout(opts[1])
+    assert all(v.stride() == p.stride() for p, st in opts[1].state.items() for v in st.values() if v.shape == p.shape)
+    for _ in range(3):
+        step(model, opts[0])
+        step(twin, opts[1])
+    assert torch.equal(model.weight, twin.weight) and torch.equal(model.bias, twin.bias)

@@ -24,7 +24,7 @@ from cnnlab.engine.config import TrainConfig, validate
 from cnnlab.engine.data_setup import DataBundle
 from cnnlab.engine.distributed import setup_distributed
 from cnnlab.engine.evaluate import EvalResult, autocast
-from cnnlab.engine.optim import build_optimizer, freeze, lr_factor, penalty, set_lr
+from cnnlab.engine.optim import build_optimizer, freeze, lr_factor, match_state_layout, penalty, set_lr
 from cnnlab.engine.tasks import Task, TaskResult, get_task
 from cnnlab.engine.tasks._model import model_channels  # noqa: F401 - re-exported (ensembles use it)
 from cnnlab.engine.time_budget import END_RESERVE_S, TimeBudget
@@ -205,6 +205,7 @@ def _train(config: TrainConfig, resume: bool, callbacks: Sequence[EpochCallback]
         model.load_state_dict(ckpt.weights)
         if ckpt.optimizer is not None:
             optimizer.load_state_dict(ckpt.optimizer)
+            match_state_layout(optimizer)  # the fused update needs the parameters' strides
         if ema is not None and ckpt.ema is not None:
             ema.load(ckpt.ema)
         history = ckpt.meta.get("history", [])
