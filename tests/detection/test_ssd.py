@@ -224,6 +224,34 @@ def test_pyramid_maps_see_the_deepest_stage():
         assert model(images)[0]["boxes"].shape[1] == 4
 
 
+def test_concat_deeper_maps_carry_the_deeper_stages_resized():
+    import torch.nn.functional as F
+
+    from cnnlab.detection.backbone import run_tapped
+
+    torch.manual_seed(0)
+    model = ssd(backbone="resnet18", num_classes=K, size=128, num_maps=4, concat_deeper=True).eval()
+    assert model.backbone.out_channels == [128 + 256 + 512, 256 + 512, 512, 512]  # layer2-4, one extra block
+    assert model.head.cls_logits[0].in_channels == 896
+    x = torch.rand(1, 3, 128, 128)
+    with torch.no_grad():
+        maps = model.backbone(x)
+        taps = run_tapped(model.backbone.body, x, ["layer2", "layer3", "layer4"])
+    assert [tuple(m.shape[-2:]) for m in maps.values()] == [(16, 16), (8, 8), (4, 4), (2, 2)]
+    layer2, layer3, layer4 = taps["layer2"], taps["layer3"], taps["layer4"]
+    up = lambda t, n: F.interpolate(t, size=(n, n), mode="bilinear", align_corners=False)  # noqa: E731
+    torch.testing.assert_close(maps["0"], torch.cat([layer2, up(layer3, 16), up(layer4, 16)], 1), rtol=0, atol=0)
+    torch.testing.assert_close(maps["1"], torch.cat([layer3, up(layer4, 8)], 1), rtol=0, atol=0)
+    torch.testing.assert_close(maps["2"], layer4, rtol=0, atol=0)
+    # the extra block grows from layer4's own map, as without the fusion
+    torch.testing.assert_close(maps["3"], model.backbone.extras[0](layer4), rtol=0, atol=0)
+    model.train()
+    images, targets = _small_scene()
+    losses = model(images, targets)
+    sum(losses.values()).backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
 def test_head_blocks_start_as_the_identity_and_train():
     torch.manual_seed(0)
     plain = ssd(backbone="resnet18", num_classes=K, size=128, num_maps=4)
@@ -322,6 +350,8 @@ def test_engine_detection_step(small):
     ({"head_blocks": [1, -1]}, "head_blocks"),
     ({"head_blocks": [1] * 9}, "at most 6"),
     ({"head_blocks": "2"}, "head_blocks"),
+    ({"concat_deeper": "yes"}, "concat_deeper"),
+    ({"concat_deeper": True, "fpn_channels": 32}, "not with fpn_channels"),
 ])
 def test_bad_options_are_refused(options, words):
     with pytest.raises(CnnlabError) as info:

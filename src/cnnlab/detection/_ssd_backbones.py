@@ -186,21 +186,36 @@ class TappedBackbone(nn.Module):
         body: the classifier (cut after the last tapped stage, as ``build_backbone`` cuts it).
         stages: the ``FeatureInfo`` rows of the tapped stages, in order.
         extras: the extra blocks after the last stage.
+        concat_deeper: give each stage's map the deeper stages' maps too, resized to it (bilinear) and
+            concatenated along the channels: FSSD's fusion (Li & Zhou 2017) without its new layers, so the
+            shallow maps classify with the deepest stage's (pretrained) semantics. The extra blocks still take
+            the last stage's own map.
     """
 
-    def __init__(self, body: nn.Module, stages: Sequence[FeatureInfo], extras: Sequence[ExtraBlock]) -> None:
+    def __init__(self, body: nn.Module, stages: Sequence[FeatureInfo], extras: Sequence[ExtraBlock],
+                 concat_deeper: bool = False) -> None:
         super().__init__()
         self.body = body
         self.stages = list(stages)
+        self.concat_deeper = concat_deeper
         self.extras = extra_layers(self.stages[-1].channels, extras)
-        self.out_channels = [s.channels for s in self.stages] + [b.out_channels for b in extras]
+        widths = [s.channels for s in self.stages]
+        if concat_deeper:
+            widths = [sum(widths[i:]) for i in range(len(widths))]
+        self.out_channels = widths + [b.out_channels for b in extras]
         self.strides = extra_strides([s.stride for s in self.stages], extras)
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
         from cnnlab.detection.backbone import run_tapped  # the stage taps build_backbone's Backbone uses
 
         taps = run_tapped(self.body, x, [s.module for s in self.stages])
-        return with_extras([taps[s.module] for s in self.stages], self.extras)
+        maps = [taps[s.module] for s in self.stages]
+        if not self.concat_deeper:
+            return with_extras(maps, self.extras)
+        fused = [torch.cat([m] + [F.interpolate(d, size=m.shape[-2:], mode="bilinear", align_corners=False)
+                                  for d in maps[i + 1:]], dim=1) for i, m in enumerate(maps)]
+        out = with_extras([maps[-1]], self.extras)  # the extras grow from the last stage's own map
+        return OrderedDict((str(i), m) for i, m in enumerate(fused + list(out.values())[1:]))
 
 
 class PyramidBackbone(nn.Module):

@@ -333,12 +333,13 @@ EXTRA_CHANNELS = (512, 256, 256, 256)
                 notes="Any registered classifier as base (backbone='resnet18'): its stages of stride >= 8 and extra "
                       "stride-2 blocks (num_maps=6 maps in all), default-box scales and aspect ratios, size, "
                       "backbone_weights (a cnnlab run folder or a file), fpn_channels (a feature pyramid on the "
-                      "stages), head_blocks (residual prediction blocks per map).")
+                      "stages), head_blocks (residual prediction blocks per map), concat_deeper (FSSD-style fusion).")
 def ssd(
     *, backbone: str = "resnet18", num_classes: int = 91, num_maps: int = 6,
     returned_stages: Sequence[int] | None = None, extra_channels: Sequence[int] | None = None,
     backbone_weights: str | os.PathLike | None = None, trainable_backbone_layers: int | None = None,
-    norm_layer: Any = None, fpn_channels: int | None = None, head_blocks: int | Sequence[int] = 0, **options: Any,
+    norm_layer: Any = None, fpn_channels: int | None = None, head_blocks: int | Sequence[int] = 0,
+    concat_deeper: bool = False, **options: Any,
 ) -> SSD:
     """SSD on any registered classifier. ``options``: see :data:`OPTIONS`.
 
@@ -349,7 +350,9 @@ def ssd(
     the first, high-resolution map also sees the deepest stage; None: the stages' own maps, as the paper.
     ``head_blocks``: residual prediction blocks before the predictors (DSSD's prediction module), as a count per
     map, first map first (``[2, 1]``: two on the stride-8 map, one on the next, none beyond), or one count for
-    every map; 0: none, as the paper.
+    every map; 0: none, as the paper. ``concat_deeper``: each stage's map also carries the deeper stages' maps,
+    resized and concatenated (FSSD's fusion with no new layers; :class:`TappedBackbone`); not with
+    ``fpn_channels``.
     """
     parts = split_options(options)  # first: a typo fails before the backbone is built
     if not isinstance(num_maps, int) or num_maps < 1:
@@ -368,6 +371,9 @@ def ssd(
     if fpn_channels is not None and (not isinstance(fpn_channels, int) or isinstance(fpn_channels, bool)
                                      or fpn_channels < 1):
         raise CnnlabError(f"fpn_channels={fpn_channels!r}: expected a positive int (the pyramid's width) or None")
+    if not isinstance(concat_deeper, bool) or (concat_deeper and fpn_channels is not None):
+        raise CnnlabError(f"concat_deeper={concat_deeper!r}: expected true or false, and not with fpn_channels "
+                          f"(={fpn_channels!r}): both give the shallow maps the deeper stages, choose one")
     # the classifier cut after the last returned stage; with a pyramid, tapped at each of them
     body = build_backbone(backbone, fpn=fpn_channels is not None,
                           returned_stages=(stages if fpn_channels is not None else stages[-1:]) or None,
@@ -388,7 +394,7 @@ def ssd(
     if body.image_mean is not None and transform.image_mean is None and transform.image_std is None:
         # backbone weights from a run: normalise as that run did (its mean and std, per channel)
         parts["transform"] = replace(transform, image_mean=body.image_mean, image_std=body.image_std)
-    tapped = TappedBackbone(body.body, [info[i] for i in stages], extras) if fpn_channels is None \
+    tapped = TappedBackbone(body.body, [info[i] for i in stages], extras, concat_deeper) if fpn_channels is None \
         else PyramidBackbone(body, extras)
     if isinstance(head_blocks, int) and not isinstance(head_blocks, bool):
         head_blocks = [head_blocks] * len(tapped.out_channels)
