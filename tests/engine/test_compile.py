@@ -88,7 +88,8 @@ def test_compile_mode_is_checked(tmp_path):
 def test_fused_optimizer_for_floating_parameters():
     floating = [{"params": [torch.nn.Parameter(torch.zeros(3))]}]
     assert implementation(floating) == {"fused": True}
-    assert implementation([{"params": [torch.nn.Parameter(torch.zeros(3, dtype=torch.int64), requires_grad=False)]}]) == {}
+    integer = torch.nn.Parameter(torch.zeros(3, dtype=torch.int64), requires_grad=False)
+    assert implementation([{"params": [integer]}]) == {}
     assert implementation([]) == {}
     model = torch.nn.Linear(3, 2)
     from cnnlab.engine.config import OptimConfig
