@@ -210,12 +210,10 @@ class TappedBackbone(nn.Module):
 
         taps = run_tapped(self.body, x, [s.module for s in self.stages])
         maps = [taps[s.module] for s in self.stages]
-        if not self.concat_deeper:
-            return with_extras(maps, self.extras)
-        fused = [torch.cat([m] + [F.interpolate(d, size=m.shape[-2:], mode="bilinear", align_corners=False)
-                                  for d in maps[i + 1:]], dim=1) for i, m in enumerate(maps)]
-        out = with_extras([maps[-1]], self.extras)  # the extras grow from the last stage's own map
-        return OrderedDict((str(i), m) for i, m in enumerate(fused + list(out.values())[1:]))
+        if self.concat_deeper:  # the last stage has nothing deeper: its map, and so the extras' input, stay its own
+            maps = [torch.cat([m] + [F.interpolate(d, size=m.shape[-2:], mode="bilinear", align_corners=False)
+                                     for d in maps[i + 1:]], dim=1) for i, m in enumerate(maps)]
+        return with_extras(maps, self.extras)
 
 
 class PyramidBackbone(nn.Module):
