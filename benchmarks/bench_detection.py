@@ -38,6 +38,9 @@ the test split (the issue's accuracy targets).
 ``ceiling``: fashion_det's AP50 with perfect boxes, each scored by a classification run's softmax on the item's
 painted square (neighbours included): what the backbone's own classification leaves a detector to reach.
 
+``frames``: a classification run's accuracy on its test images centred in larger black frames, and enlarged to
+fill them: whether its features still classify an item that does not fill the input, as on a canvas.
+
 ``errors``: where a trained fashion_det detector's AP50 goes: the same detections with the true class on every
 box that finds an item (the AP lost to classification), class-agnostic AP50 and recall at IoU 0.5 (the AP
 lost to localisation), and AP50 over COCO's small and medium items.
@@ -45,6 +48,7 @@ lost to localisation), and AP50 over COCO's small and medium items.
     python benchmarks/bench_detection.py errors runs/fd_ssd --images 1000
     python benchmarks/bench_detection.py time-runs runs/tr_ssd runs/tr_yolov3 --data trees --images 4
     python benchmarks/bench_detection.py ceiling runs/pre_resnet18_40
+    python benchmarks/bench_detection.py frames runs/pre_resnet18_40   # its items in larger frames
     python benchmarks/bench_detection.py crops data/fashion_det_crops   # a backbone's pretraining folder
 """
 from __future__ import annotations
@@ -820,6 +824,65 @@ def ceiling(args) -> dict[str, Any]:
     return out
 
 
+def framed(images: Tensor, side: int) -> Tensor:
+    """(N, C, h, w) images centred in black (zero) frames of ``side`` x ``side``: the same pixels, more
+    background around them, as a detector's canvas puts around an item."""
+    n, c, h, w = images.shape
+    if side < max(h, w):
+        raise SystemExit(f"frame side {side} is smaller than the images ({h} x {w})")
+    out = images.new_zeros(n, c, side, side)
+    top, left = (side - h) // 2, (side - w) // 2
+    out[..., top:top + h, left:left + w] = images
+    return out
+
+
+def frames(args) -> dict[str, Any]:
+    """Does a classification run's backbone still classify its test images when they sit in a larger black
+    frame (the item unchanged, only more background), or enlarged to fill one? A detector fine-tuned from it
+    sees its items so: on a canvas, not filling the input. Accuracy, and the share of the most predicted class
+    (1.0: every image given one class)."""
+    import torch.nn.functional as F
+
+    from cnnlab.data.datasets import fashion_mnist
+    from cnnlab.engine.data_setup import preprocess_from_state
+    from cnnlab.engine.runs import load_run
+
+    torch.set_num_threads(args.threads)
+    run = load_run(args.run)
+    channels, height, _ = run.input_shape
+    preprocess = preprocess_from_state(run.preprocess)
+    fm = fashion_mnist(download=False)
+    n = min(args.images, len(fm.test_images))
+    sources, labels = fm.test_images[:n].float() / 255, fm.test_labels[:n]
+
+    def resized(x: Tensor, side: int) -> Tensor:
+        return F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+
+    def scores(x: Tensor) -> dict[str, float]:
+        x = x.expand(-1, channels, -1, -1)
+        x = preprocess(x) if preprocess is not None else x
+        with torch.inference_mode():
+            pred = torch.cat([run.model(x[i:i + 256]).argmax(1) for i in range(0, len(x), 256)])
+        return {"accuracy": (pred == labels).float().mean().item(),
+                "top_class_share": torch.bincount(pred).max().item() / len(pred)}
+
+    item = args.item or height
+    at_size = resized(sources, item)
+    rows = []
+    for side in dict.fromkeys(args.sides or [item, item + 8, round(1.6 * item), 128]):  # in order, once each
+        rows.append({"frame": side, "item": item, **scores(framed(at_size, side))})
+        if side != item:
+            rows.append({"frame": side, "item": side, **scores(resized(sources, side))})
+    print(f"{args.run}: trained at {height} px; {n} Fashion-MNIST test images")
+    for r in rows:
+        print(f"  item {r['item']:4d} px in a {r['frame']:4d} px frame: accuracy {r['accuracy']:.4f}, most "
+              f"predicted class {r['top_class_share']:.3f} of the images")
+    out = {"run": str(args.run), "images": n, "rows": rows, "machine": machine()}
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=1, default=float))
+    return out
+
+
 def write_crops(args) -> None:
     """fashion_det's items as a classification folder (``root/train|test/<i>_<class>/*.png``, 40 px grey by
     default): each item's painted square cut from its canvas, neighbours included (:func:`item_crops`). train/
@@ -1043,12 +1106,24 @@ def main(argv: list[str] | None = None) -> None:
     cr.add_argument("root", help="the folder to write (root/train, root/test)")
     cr.add_argument("--size", type=int, default=40, help="side of the square crops in pixels")
 
+    fr = sub.add_parser("frames", help="a classification run's accuracy on its test images in larger black frames "
+                        "(how far its features transfer to a canvas)")
+    fr.add_argument("run", help="a fashion_mnist classification run folder")
+    fr.add_argument("--sides", type=int, nargs="*", help="frame sides (default: its size, +8, 1.6x, 128)")
+    fr.add_argument("--item", type=int, default=0, help="side the images are resized to (default: the run's size)")
+    fr.add_argument("--images", type=int, default=2000)
+    fr.add_argument("--threads", type=int, default=1)
+    fr.add_argument("--out", help="JSON file for the result")
+
     one_run("errors", "where a trained fashion_det detector's AP50 goes: classification, localisation, item size",
             "a detection run folder", 1000, "the first N test canvases")
 
     args = parser.parse_args(argv)
     if args.command == "errors":
         errors(args)
+        return
+    if args.command == "frames":
+        frames(args)
         return
     if args.command == "crops":
         write_crops(args)

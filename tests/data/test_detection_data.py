@@ -265,8 +265,51 @@ def test_fashion_det_bundle_flips_images_and_boxes_together(tmp_path, monkeypatc
                 assert torch.equal(t["boxes"], mirrored)
                 flipped += 1
     assert flipped > 5 and same > 5
-    for extra in (dict(vflip=True), dict(scale=[0.8, 1.2]), dict(jitter=0.2)):
-        with pytest.raises(CnnlabError, match=r"do not apply to fashion_det .*use data\.flip"):
+    for extra in (dict(vflip=True), dict(jitter=0.2)):
+        with pytest.raises(CnnlabError, match=r"do not apply to fashion_det .*use data\.flip and data\.scale"):
             build_detection_data(cfg("fashion_det", root=str(tmp_path), **extra), "cpu")
     limited = build_detection_data(cfg("fashion_det", root=str(tmp_path), batch_size=8, train_limit=20), "cpu")
     assert len(limited.train) == 2 and len(ids(limited.train)) == 16
+
+
+def test_fashion_det_zoom_moves_boxes_with_the_pixels(tmp_path, monkeypatch):
+    _fake_fashion(monkeypatch)
+    plain = build_detection_data(cfg("fashion_det", root=str(tmp_path), batch_size=8, flip=True), "cpu", seed=1)
+    zoomed = build_detection_data(cfg("fashion_det", root=str(tmp_path), batch_size=8, flip=True,
+                                      scale=[0.6, 1.4]), "cpu", seed=1)
+    assert plain.train.scale is None and zoomed.train.scale == (0.6, 1.4)
+    assert zoomed.val.scale is None and zoomed.test.scale is None  # evaluation sees the canvases as they are
+    zoomed.train.set_epoch(2)
+    plain.train.set_epoch(2)
+    factors = []
+    for (zi, zt), (pi, pt) in zip(zoomed.train, plain.train):
+        assert [t["image_id"] for t in zt] == [t["image_id"] for t in pt]  # the same order and flips as unzoomed
+        for im, t, p in zip(zi, zt, pt):
+            assert im.shape == (3, 64, 64) and torch.equal(im[0], im[1])
+            if not len(p["boxes"]):
+                continue
+            union = torch.cat([p["boxes"][:, :2].min(0).values, p["boxes"][:, 2:].max(0).values])
+            lit = (im[0] > 0.05).nonzero()
+            if len(t["boxes"]) == len(p["boxes"]):  # nothing cropped away: the same items, scaled about the centre
+                assert torch.equal(t["labels"], p["labels"])
+                f = (t["boxes"][:, 2:] - t["boxes"][:, :2]) / (p["boxes"][:, 2:] - p["boxes"][:, :2])
+                inside = (t["boxes"] > 0).all() and (t["boxes"] < 64).all()
+                if inside:  # unclipped: one factor for every box, and the centre stays where it was
+                    factors.append(f.mean().item())
+                    assert torch.allclose(f, f.mean().expand_as(f), atol=1e-5)
+                    moved = (union - 32) * f.mean() + 32
+                    z = torch.cat([t["boxes"][:, :2].min(0).values, t["boxes"][:, 2:].max(0).values])
+                    assert torch.allclose(z, moved, atol=1.0)  # centring at whole pixels: within half a pixel each
+                    # the painted pixels span the zoomed boxes' union, up to the resampling kernel's reach: the
+                    # bilinear kernel spans one source pixel (f output pixels when enlarging, one when shrinking
+                    # with antialiasing), plus half a pixel where a box edge falls inside a pixel
+                    span = torch.tensor([lit[:, 1].min(), lit[:, 0].min(), lit[:, 1].max() + 1, lit[:, 0].max() + 1])
+                    assert (span - z).abs().max() <= max(f.mean().item(), 1.0) + 0.5
+            assert ((t["boxes"][:, 2:] - t["boxes"][:, :2]) >= 1).all() and (t["boxes"] >= 0).all() \
+                and (t["boxes"] <= 64).all()
+    assert min(factors) < 0.9 and max(factors) > 1.1  # drawn in the range, both ways
+    again = build_detection_data(cfg("fashion_det", root=str(tmp_path), batch_size=8, flip=True, scale=[0.6, 1.4]),
+                                 "cpu", seed=1)
+    again.train.set_epoch(2)
+    zoomed.train.set_epoch(2)
+    assert all(torch.equal(a, b) for (ai, _), (bi, _) in zip(again.train, zoomed.train) for a, b in zip(ai, bi))

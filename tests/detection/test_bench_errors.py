@@ -48,3 +48,14 @@ def test_relabelled_keeps_images_without_boxes(bench):
     fixed = bench.relabelled(predictions, [empty, {"boxes": torch.tensor([[0.0, 0.0, 5.0, 5.0]]),
                                                    "labels": torch.tensor([1])}])
     assert fixed[0]["labels"].tolist() == [2] and len(fixed[1]["labels"]) == 0
+
+
+def test_framed_centres_the_same_pixels_in_a_black_frame(bench):
+    images = torch.rand(3, 1, 4, 6) + 0.1  # no zero pixel inside
+    out = bench.framed(images, 10)
+    assert out.shape == (3, 1, 10, 10)
+    assert torch.equal(out[..., 3:7, 2:8], images)  # (10 - 4) // 2 rows, (10 - 6) // 2 columns above and left
+    assert out.sum() == images.sum() and (out > 0).sum() == images.numel()  # the rest of the frame is black
+    assert torch.equal(bench.framed(images[..., :4], 4), images[..., :4])  # a frame of its own size: unchanged
+    with pytest.raises(SystemExit, match="smaller than the images"):
+        bench.framed(images, 5)

@@ -11,7 +11,8 @@ image in file order (VOC: sorted names; COCO: the JSON's ``images``) with index 
 Augmentation (training only): ``data.flip`` / ``data.vflip`` -> horizontal / vertical flip (p = 0.5 each),
 ``data.scale=(lo, hi)`` -> a zoom by a factor drawn in [lo, hi] with the canvas kept (``RandomAffine``; boxes
 are clipped to it and dropped when under 1 px wide or high), ``data.jitter > 0`` -> ``RandomPhotometricDistort``
-(p = 0.5); the tensor-resident ``fashion_det`` takes ``data.flip`` only. The other ``data.*`` augmentations are
+(p = 0.5); the tensor-resident ``fashion_det`` takes ``data.flip`` and ``data.scale`` (its own exact zoom,
+:func:`zoom`). The other ``data.*`` augmentations are
 refused for detection (they would move pixels without the boxes, or mix labels). ``data.normalize``/``image_size``
 do not apply: detectors normalise and resize inside their own transform. ``data.train_limit`` keeps the first N
 training images of the split.
@@ -174,16 +175,18 @@ class TensorDetectionBatches(TensorShards):
 
     Args:
         images: uint8 (N, S, S); boxes float32 (M, 4) and labels int64 (M,) of all canvases; offsets (N + 1,);
-        batch_size; shuffle; hflip: probability of a horizontal flip per image; device; seed; drop_last.
+        batch_size; shuffle; hflip: probability of a horizontal flip per image; device; seed; drop_last;
+        scale: ``(lo, hi)``: each canvas zoomed about its centre by a factor drawn in [lo, hi] (:func:`zoom`),
+            the canvas size kept; None: no zoom.
     """
 
     def __init__(self, images: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, offsets: torch.Tensor,
                  batch_size: int, shuffle: bool, hflip: float, device: torch.device, seed: int,
-                 drop_last: bool = False) -> None:
+                 drop_last: bool = False, scale: tuple[float, float] | None = None) -> None:
         self.images, self.boxes, self.labels = images.to(device), boxes.to(device), labels.to(device)
         self.offsets = offsets.tolist()
         self.batch_size, self.shuffle, self.hflip, self.drop_last = batch_size, shuffle, hflip, drop_last
-        self.device, self.seed, self.epoch = device, seed, 0
+        self.device, self.seed, self.epoch, self.scale = device, seed, 0, scale
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -193,6 +196,9 @@ class TensorDetectionBatches(TensorShards):
         n, width = len(self.images), self.images.shape[-1]
         order = torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n)
         flips = (torch.rand(n, generator=gen) < self.hflip) if self.hflip else torch.zeros(n, dtype=torch.bool)
+        if self.scale is not None:  # drawn after the flips, so a run without zoom sees the batches it always did
+            lo, hi = self.scale
+            zooms = (lo + (hi - lo) * torch.rand(n, generator=gen, dtype=torch.float64)).tolist()
         order = self._rank_order(order)  # the flips stay drawn per canvas, before sharding: ranks agree
         for b in range(len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size].tolist()
@@ -200,13 +206,42 @@ class TensorDetectionBatches(TensorShards):
             images, targets = [], []
             for j, i in enumerate(idx):
                 a, z = self.offsets[i], self.offsets[i + 1]
-                img, boxes = x[j], self.boxes[a:z]
+                img, boxes, labels = x[j], self.boxes[a:z], self.labels[a:z]
                 if flips[i]:
                     img = img.flip(-1)
                     boxes = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1)
+                if self.scale is not None:
+                    img, boxes, labels = zoom(img, boxes, labels, zooms[i])
                 images.append(img.expand(3, *img.shape))
-                targets.append({"boxes": boxes.clone(), "labels": self.labels[a:z].clone(), "image_id": i})
+                targets.append({"boxes": boxes.clone(), "labels": labels.clone(), "image_id": i})
             yield images, targets
+
+
+def zoom(image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, factor: float
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A (H, W) canvas zoomed about its centre by ``factor``, its size kept: resized to ``round(factor * H)`` x
+    ``round(factor * W)`` (bilinear, antialiased), then centred (padded with 0, or cropped) at whole-pixel
+    offsets, so the boxes move exactly (scaled by the size ratio, shifted by the offset). Boxes are clipped to
+    the canvas and dropped, with their labels, when under 1 px wide or high (as ``SanitizeBoundingBoxes``).
+    What ``data.scale`` does on the tensor-resident ``fashion_det``; written here rather than with
+    ``transforms.v2.RandomAffine`` because these canvases are batched tensors on the device, not v2 items."""
+    import torch.nn.functional as F
+
+    h, w = image.shape[-2:]
+    nh, nw = max(1, round(factor * h)), max(1, round(factor * w))
+    if (nh, nw) == (h, w):
+        return image, boxes, labels
+    resized = F.interpolate(image[None, None], size=(nh, nw), mode="bilinear", align_corners=False,
+                            antialias=nh < h or nw < w)[0, 0].clamp_(0, 1)
+    out = image.new_zeros(h, w)
+    dy, dx = (h - nh) // 2, (w - nw) // 2  # where the resized canvas's corner lands (negative: cropped)
+    out[max(dy, 0):max(dy, 0) + min(nh, h), max(dx, 0):max(dx, 0) + min(nw, w)] = \
+        resized[max(-dy, 0):max(-dy, 0) + min(nh, h), max(-dx, 0):max(-dx, 0) + min(nw, w)]
+    moved = boxes * boxes.new_tensor([nw / w, nh / h, nw / w, nh / h]) + boxes.new_tensor([dx, dy, dx, dy])
+    moved = torch.stack([moved[:, 0].clamp(0, w), moved[:, 1].clamp(0, h), moved[:, 2].clamp(0, w),
+                         moved[:, 3].clamp(0, h)], 1)
+    keep = ((moved[:, 2] - moved[:, 0]) >= 1) & ((moved[:, 3] - moved[:, 1]) >= 1)
+    return out, moved[keep], labels[keep]
 
 
 def _bundle(train: Any, val: Any, test: Any, classes: list[str], shape: tuple[int, int, int]) -> DataBundle:
@@ -217,12 +252,11 @@ def _bundle(train: Any, val: Any, test: Any, classes: list[str], shape: tuple[in
 def _build_fashion_det(config: DataConfig, device: torch.device, seed: int) -> DataBundle:
     splits = load_fashion_det(FASHION_DET_CONFIG, root=config.root, download=config.download)
     augment = _augment(config)
-    extra = [n for n, on in (("jitter", augment.photometric), ("vflip", augment.vflip), ("scale", augment.scale))
-             if on]
+    extra = [n for n, on in (("jitter", augment.photometric), ("vflip", augment.vflip)) if on]
     if extra:
-        raise CnnlabError(f"data.{', data.'.join(extra)} do not apply to fashion_det (grey canvases flipped on the "
-                          "device, their items upright); use data.flip")
-    hflip = augment.hflip
+        raise CnnlabError(f"data.{', data.'.join(extra)} do not apply to fashion_det (grey canvases flipped and "
+                          "zoomed on the device, their items upright); use data.flip and data.scale")
+    hflip, scale = augment.hflip, augment.scale
 
     def wrap(c: Any, train: bool) -> TensorDetectionBatches:
         n = min(config.train_limit, len(c)) if train and config.train_limit else len(c)
@@ -231,7 +265,7 @@ def _build_fashion_det(config: DataConfig, device: torch.device, seed: int) -> D
         return TensorDetectionBatches(torch.from_numpy(c.images[:n]), torch.from_numpy(c.boxes[:m]),
                                       torch.from_numpy(c.labels[:m]), torch.from_numpy(c.offsets[:n + 1]), bs,
                                       shuffle=train, hflip=hflip if train else 0.0, device=device, seed=seed,
-                                      drop_last=train and n > bs)
+                                      drop_last=train and n > bs, scale=scale if train else None)
 
     size = splits["train"].images.shape[-1]
     return _bundle(wrap(splits["train"], True), wrap(splits["val"], False), wrap(splits["test"], False),
