@@ -729,8 +729,6 @@ def item_crops(composed: Any, source_images: np.ndarray, n: int, side: int, side
     with perfect boxes would have to classify, overlaps and scale included. The square is recovered exactly: of the painting sides ``sides`` (``FashionDetConfig``'s
     min_scale..max_scale), the one at which the item's 28 px source, resized as ``compose`` does, has a tight box
     of the painted box's width and height (the smallest such side; an item with none is refused)."""
-    import torch.nn.functional as F
-
     from cnnlab.data.fashion_det import FashionDetConfig, _resize_items, _tight_box
 
     threshold = FashionDetConfig().mask_threshold
@@ -748,7 +746,7 @@ def item_crops(composed: Any, source_images: np.ndarray, n: int, side: int, side
         raise SystemExit(f"{found.count(None)} items match no painting side in {sides}: not fashion_det's default "
                          "composition")
     def resized(square: Tensor) -> Tensor:
-        return F.interpolate(square, size=(side, side), mode="bilinear", align_corners=False, antialias=True)[0]
+        return resized_square(square, side)[0]
 
     crops, alone, targets = [], [], []
     for i in range(n):
@@ -764,35 +762,44 @@ def item_crops(composed: Any, source_images: np.ndarray, n: int, side: int, side
     return torch.stack(crops), torch.stack(alone), targets
 
 
+def resized_square(x: Tensor, side: int) -> Tensor:
+    """(N, C, h, w) -> (N, C, side, side), bilinear with antialiasing (as ``compose`` paints items)."""
+    import torch.nn.functional as F
+
+    return F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+
+
+def run_softmax(run: Any, images: Tensor) -> Tensor:
+    """A classification run's class probabilities for grey (N, 1, H, W) images in [0, 1], through its own
+    preprocessing, 256 at a time."""
+    from cnnlab.engine.data_setup import preprocess_from_state
+
+    preprocess = preprocess_from_state(run.preprocess)
+    x = images.expand(-1, run.input_shape[0], -1, -1)
+    x = preprocess(x) if preprocess is not None else x
+    with torch.inference_mode():
+        return torch.cat([run.model(x[i:i + 256]).float().softmax(1) for i in range(0, len(x), 256)])
+
+
 def ceiling(args) -> dict[str, Any]:
     """The AP a detector would reach on fashion_det with perfect boxes and the backbone's own classification:
     every true box reported once per class, scored by the classifier run's softmax on the item's crop."""
     from cnnlab.data.datasets import fashion_mnist
     from cnnlab.data.fashion_det import load_fashion_det
     from cnnlab.detection import evaluate
-    from cnnlab.engine.data_setup import preprocess_from_state
     from cnnlab.engine.runs import load_run
 
     torch.set_num_threads(args.threads)
     run = load_run(args.run)
-    channels, height, _ = run.input_shape
-    preprocess = preprocess_from_state(run.preprocess)
+    height = run.input_shape[1]
     test = load_fashion_det(download=False)["test"]
     n = min(args.images or len(test), len(test))
     fm = fashion_mnist(download=False)
     crops, alone, targets = item_crops(test, fm.test_images[:, 0].numpy(), n, height)
     stop = len(crops)
     sources = fm.test_images[torch.from_numpy(test.source[:stop])].float() / 255
-    sources = torch.nn.functional.interpolate(sources, size=(height, height), mode="bilinear", align_corners=False,
-                                              antialias=True)
-
-    def softmax(images: Tensor) -> Tensor:
-        x = images.expand(-1, channels, -1, -1)
-        x = preprocess(x) if preprocess is not None else x
-        with torch.inference_mode():
-            return torch.cat([run.model(x[i:i + 256]).float().softmax(1) for i in range(0, len(x), 256)])
-
-    probs = softmax(crops)
+    sources = resized_square(sources, height)
+    probs = run_softmax(run, crops)
     classes = probs.shape[1]
     predictions, k = [], 0
     for t in targets:
@@ -804,8 +811,8 @@ def ceiling(args) -> dict[str, Any]:
     labels = torch.cat([t["labels"] for t in targets]) - 1
     accuracy = (probs.argmax(1) == labels).float().mean().item()
     # the same items, as the classifier was trained on them (the 28 px source) and as painted but alone
-    source_accuracy = (softmax(sources).argmax(1) == labels).float().mean().item()
-    alone_accuracy = (softmax(alone).argmax(1) == labels).float().mean().item()
+    source_accuracy = (run_softmax(run, sources).argmax(1) == labels).float().mean().item()
+    alone_accuracy = (run_softmax(run, alone).argmax(1) == labels).float().mean().item()
     metrics = evaluate(predictions, targets, "coco", class_names=run.classes)
     voc = evaluate(predictions, targets, "voc", class_names=run.classes)
     per_class = {str(name): round(float(v), 4) for name, v in metrics.per_class_ap50.items()}
@@ -841,38 +848,28 @@ def frames(args) -> dict[str, Any]:
     frame (the item unchanged, only more background), or enlarged to fill one? A detector fine-tuned from it
     sees its items so: on a canvas, not filling the input. Accuracy, and the share of the most predicted class
     (1.0: every image given one class)."""
-    import torch.nn.functional as F
-
     from cnnlab.data.datasets import fashion_mnist
-    from cnnlab.engine.data_setup import preprocess_from_state
     from cnnlab.engine.runs import load_run
 
     torch.set_num_threads(args.threads)
     run = load_run(args.run)
-    channels, height, _ = run.input_shape
-    preprocess = preprocess_from_state(run.preprocess)
+    height = run.input_shape[1]
     fm = fashion_mnist(download=False)
     n = min(args.images, len(fm.test_images))
     sources, labels = fm.test_images[:n].float() / 255, fm.test_labels[:n]
 
-    def resized(x: Tensor, side: int) -> Tensor:
-        return F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
-
     def scores(x: Tensor) -> dict[str, float]:
-        x = x.expand(-1, channels, -1, -1)
-        x = preprocess(x) if preprocess is not None else x
-        with torch.inference_mode():
-            pred = torch.cat([run.model(x[i:i + 256]).argmax(1) for i in range(0, len(x), 256)])
+        pred = run_softmax(run, x).argmax(1)
         return {"accuracy": (pred == labels).float().mean().item(),
                 "top_class_share": torch.bincount(pred).max().item() / len(pred)}
 
     item = args.item or height
-    at_size = resized(sources, item)
+    at_size = resized_square(sources, item)
     rows = []
     for side in dict.fromkeys(args.sides or [item, item + 8, round(1.6 * item), 128]):  # in order, once each
         rows.append({"frame": side, "item": item, **scores(framed(at_size, side))})
         if side != item:
-            rows.append({"frame": side, "item": side, **scores(resized(sources, side))})
+            rows.append({"frame": side, "item": side, **scores(resized_square(sources, side))})
     print(f"{args.run}: trained at {height} px; {n} Fashion-MNIST test images")
     for r in rows:
         print(f"  item {r['item']:4d} px in a {r['frame']:4d} px frame: accuracy {r['accuracy']:.4f}, most "

@@ -226,6 +226,7 @@ def zoom(image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, factor:
     What ``data.scale`` does on the tensor-resident ``fashion_det``; written here rather than with
     ``transforms.v2.RandomAffine`` because these canvases are batched tensors on the device, not v2 items."""
     import torch.nn.functional as F
+    from torchvision.ops import clip_boxes_to_image, remove_small_boxes
 
     h, w = image.shape[-2:]
     nh, nw = max(1, round(factor * h)), max(1, round(factor * w))
@@ -238,9 +239,8 @@ def zoom(image: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, factor:
     out[max(dy, 0):max(dy, 0) + min(nh, h), max(dx, 0):max(dx, 0) + min(nw, w)] = \
         resized[max(-dy, 0):max(-dy, 0) + min(nh, h), max(-dx, 0):max(-dx, 0) + min(nw, w)]
     moved = boxes * boxes.new_tensor([nw / w, nh / h, nw / w, nh / h]) + boxes.new_tensor([dx, dy, dx, dy])
-    moved = torch.stack([moved[:, 0].clamp(0, w), moved[:, 1].clamp(0, h), moved[:, 2].clamp(0, w),
-                         moved[:, 3].clamp(0, h)], 1)
-    keep = ((moved[:, 2] - moved[:, 0]) >= 1) & ((moved[:, 3] - moved[:, 1]) >= 1)
+    moved = clip_boxes_to_image(moved, (h, w))
+    keep = remove_small_boxes(moved, 1.0)
     return out, moved[keep], labels[keep]
 
 
