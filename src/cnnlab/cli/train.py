@@ -29,10 +29,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "steps fixed to fit; evaluation included")
     p.add_argument("--teacher", metavar="RUN",
                    help="knowledge distillation: learn also from the soft targets of this trained classifier run "
-                        "(same data and classes; docs/distillation.md)")
+                        "(same data and classes; for an SSD detector, a classifier of its classes that sees each "
+                        "training box's crop; docs/distillation.md)")
     p.add_argument("--temperature", type=finite_float, help="distillation temperature T (default 4)")
     p.add_argument("--alpha", type=finite_float,
-                   help="weight of the soft (teacher) loss in [0, 1]; the labels get 1 - alpha (default 0.9)")
+                   help="weight of the soft (teacher) loss in [0, 1]; the labels get 1 - alpha (default 0.9; a "
+                        "detector keeps its own losses whole)")
     p.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     p.set_defaults(func=cmd_train)

@@ -8,10 +8,16 @@ The gradient of the soft term with respect to the student's logits scales as 1/T
 paper), so it is multiplied by T^2: the soft and hard terms then keep their relative weight whatever
 the temperature. ``cnnlab train --teacher RUN`` wires it into the classification task; see
 docs/distillation.md.
+
+An SSD detector learns from a classifier teacher too (:meth:`Teacher.box_logits`): the teacher classifies the
+square crop of every training box, cut from the training image as augmented, and the detector's class scores of
+the default boxes matched to that box learn its soft targets beside their labels (the idea of ViLD, Gu et al.
+2021, which distils a classifier's view of cropped regions into a detector; docs/detection_ssd.md).
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnlab._errors import CnnlabError
+from cnnlab.data.bundle import preprocess_from_state
 from cnnlab.engine.config import DISTILL_TASK as TASK  # the one task whose outputs are class logits (B, K)
 from cnnlab.engine.config import check_distill_settings  # also checks a run's config
 
@@ -134,6 +141,54 @@ class Teacher:
     def describe(self) -> dict[str, Any]:
         return {"teacher": str(self.run_dir), "teacher_checkpoint": self.tag}
 
+    def check_box_classes(self, classes: list[str]) -> None:
+        """Refuse a detector whose foreground classes are not the teacher's, in the same order."""
+        if list(classes) != list(self.classes):
+            raise CnnlabError(f"teacher {self.run_dir} has classes {self.classes[:10]} but the detection data has "
+                              f"{list(classes)[:10]}; a box teacher needs the detector's classes (without the "
+                              "background) in the same order")
+
+    @torch.no_grad()
+    def box_logits(self, images: Sequence[torch.Tensor], boxes: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The teacher's class logits (N, K) for every box of every image, in order: each box's square crop
+        (:func:`box_crops`) at the teacher's input size and channels, normalised as the teacher's run was.
+        ``images``: (C, H, W) floats in 0..1 as a detector takes them; ``boxes``: (N_i, 4) x1, y1, x2, y2."""
+        channels, height, width = self.input_shape
+        x = box_crops(images, boxes, (height, width), channels)
+        if not len(x):
+            return x.new_zeros(0, len(self.classes))
+        normalise = preprocess_from_state(self.preprocess)
+        return self.logits(normalise(x) if normalise is not None else x).float()
+
+
+def box_crops(images: Sequence[torch.Tensor], boxes: Sequence[torch.Tensor], size: tuple[int, int],
+              channels: int) -> torch.Tensor:
+    """Every box's square about its centre (its longer side), cut from its image and resized to ``size`` by
+    ``torchvision.ops.roi_align`` with adaptive sampling (an area average when shrinking; off the image, 0 beyond
+    the edge pixels), as (N, channels, h, w). A square, as a classifier sees an item (Fashion-MNIST's 28 x 28, ImageNet's centre
+    crops), so the box's shape is not stretched. Images with other channels than ``channels``: 3 -> 1 is the
+    mean of the channels, 1 -> 3 repeats the grey one; anything else is refused."""
+    from torchvision.ops import roi_align
+
+    crops = []
+    for image, b in zip(images, boxes):
+        if not len(b):
+            continue
+        c = image.shape[0]
+        if c != channels and (c, channels) not in ((3, 1), (1, 3)):
+            raise CnnlabError(f"the teacher takes {channels}-channel images but the detector's have {c}; a box "
+                              "teacher needs the same channels, or grey and RGB")
+        b = b.to(image.dtype)
+        centre, side = (b[:, :2] + b[:, 2:]) / 2, (b[:, 2:] - b[:, :2]).amax(1, keepdim=True)
+        squares = torch.cat([centre - side / 2, centre + side / 2], 1)
+        x = image.float().mean(0, keepdim=True) if (c, channels) == (3, 1) else image.float()
+        out = roi_align(x[None], [squares.float()], size, 1.0, sampling_ratio=-1, aligned=True)
+        crops.append(out.expand(-1, channels, -1, -1) if out.shape[1] != channels else out)
+    if not crops:
+        first = images[0] if len(images) else torch.zeros(0)
+        return torch.zeros(0, channels, *size, device=first.device)
+    return torch.cat(crops)
+
 
 def _same_data_name(name: str) -> str:
     """A dataset name as is; an image folder as its resolved path (``data/x`` and ``./data/x/`` agree)."""
@@ -158,4 +213,4 @@ def _preprocess_mismatch(teacher: dict[str, Any], student: dict[str, Any]) -> tu
     return None
 
 
-__all__ = ["Teacher", "check_distill_settings", "distillation_loss", "soft_target_loss"]
+__all__ = ["Teacher", "box_crops", "check_distill_settings", "distillation_loss", "soft_target_loss"]

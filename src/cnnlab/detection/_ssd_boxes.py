@@ -158,6 +158,8 @@ class MultiBoxLoss(nn.Module):
         self.box_coder = box_coder
         self.matcher = SSDMatcher(iou_thresh)
         self.neg_to_pos_ratio = (1.0 - positive_fraction) / positive_fraction
+        # (temperature, weight) of a box teacher's soft targets (SSD.distill_from); None: the labels only
+        self.distillation: tuple[float, float] | None = None
 
     def match(self, targets: Sequence[dict[str, Tensor]], default_boxes: Sequence[Tensor]) -> list[Tensor]:
         """Per image, (D,) the index of each default box's ground-truth box, or -1 (background)."""
@@ -174,8 +176,9 @@ class MultiBoxLoss(nn.Module):
         """``cls_logits`` (B, D, K + 1) and ``bbox_regression`` (B, D, 4) of the head -> the two losses."""
         matched = self.match(targets, default_boxes)
         num_foreground = 0
-        box_losses, class_targets = [], []
-        for targets_i, regression_i, boxes_i, matched_i in zip(targets, bbox_regression, default_boxes, matched):
+        box_losses, class_targets, student, teacher = [], [], [], []
+        for targets_i, regression_i, boxes_i, matched_i, logits_i in zip(targets, bbox_regression, default_boxes,
+                                                                         matched, cls_logits):
             foreground = torch.where(matched_i >= 0)[0]
             foreground_gt = matched_i[foreground]
             num_foreground += foreground_gt.numel()
@@ -184,6 +187,14 @@ class MultiBoxLoss(nn.Module):
             labels = torch.zeros(cls_logits.shape[1], dtype=targets_i["labels"].dtype, device=cls_logits.device)
             labels[foreground] = targets_i["labels"][foreground_gt]
             class_targets.append(labels)
+            if self.distillation is not None and "teacher_logits" in targets_i:
+                given = targets_i["teacher_logits"]
+                if given.ndim != 2 or given.shape != (len(targets_i["boxes"]), logits_i.shape[-1] - 1):
+                    raise CnnlabError(f"teacher_logits of shape {tuple(given.shape)} for {len(targets_i['boxes'])} "
+                                      f"boxes; the detector has {logits_i.shape[-1] - 1} foreground classes: the "
+                                      "teacher needs the same classes, one row per box")
+                student.append(logits_i[foreground, 1:])  # the foreground classes: the teacher knows no background
+                teacher.append(given[foreground_gt])
         labels = torch.stack(class_targets)  # (B, D), 0: background
 
         num_classes = cls_logits.shape[-1]
@@ -192,8 +203,21 @@ class MultiBoxLoss(nn.Module):
         positive = labels > 0
         negative = self.hard_negatives(cls_loss, positive)
         n = max(1, num_foreground)
-        return {"bbox_regression": torch.stack(box_losses).sum() / n,
-                "classification": (cls_loss[positive].sum() + cls_loss[negative].sum()) / n}
+        losses = {"bbox_regression": torch.stack(box_losses).sum() / n,
+                  "classification": (cls_loss[positive].sum() + cls_loss[negative].sum()) / n}
+        if student:  # training with a box teacher (validation targets carry none: the same losses as without)
+            losses["distillation"] = self.soft_targets(torch.cat(student), torch.cat(teacher), n)
+        return losses
+
+    def soft_targets(self, student: Tensor, teacher: Tensor, n: int) -> Tensor:
+        """``weight * T^2 * KL(softmax(teacher / T) || softmax(student / T))`` summed over the positive default
+        boxes and divided by ``n`` (the positives, as the other two losses): Hinton et al.'s soft term per box.
+        ``student``: the positives' foreground logits (P, K); ``teacher``: their boxes' teacher logits (P, K)."""
+        temperature, weight = self.distillation  # type: ignore[misc]
+        log_student = F.log_softmax(student.float() / temperature, dim=-1)
+        log_teacher = F.log_softmax(teacher.detach().float() / temperature, dim=-1)
+        kl = F.kl_div(log_student, log_teacher, reduction="sum", log_target=True)
+        return weight * temperature ** 2 * kl / n
 
     def hard_negatives(self, cls_loss: Tensor, positive: Tensor) -> Tensor:
         """(B, D) mask of each image's ``neg_to_pos_ratio`` x (its positives) highest-loss negatives (§2.2,

@@ -217,6 +217,14 @@ class SSD(AnchorCheck, nn.Module):
         detections = self.postprocess(cls_logits, bbox_regression, default_boxes, batch.image_sizes)
         return self.transform.postprocess(detections, batch.image_sizes, original_sizes)
 
+    def distill_from(self, temperature: float, weight: float) -> None:
+        """Training targets that carry ``teacher_logits`` (N, K) per box (a classifier's view of each box's crop,
+        :meth:`cnnlab.compress.distill.Teacher.box_logits`) add a ``distillation`` loss: ``weight * T^2 *
+        KL(teacher_T || student_T)`` over the foreground classes of the default boxes matched to each box, per
+        positive, beside the detector's own losses (which keep the labels: the background and the boxes are only
+        in them). Inference does not change. The detection task calls it for ``distill.teacher``."""
+        self.loss.distillation = (float(temperature), float(weight))
+
     def reset_classifier(self, num_classes: int) -> None:
         """Fresh class-score convs for ``num_classes`` (K + 1): fine-tuning on new classes."""
         self.head.reset_classifier(num_classes)

@@ -84,13 +84,16 @@ class OptimConfig:
 
 @dataclass
 class DistillConfig:
-    """Knowledge distillation (Hinton et al. 2015; classification only, docs/distillation.md).
+    """Knowledge distillation (Hinton et al. 2015; docs/distillation.md): a classifier, or an SSD detector.
 
     Args:
-        teacher: a run folder of a trained classifier on the same data (None = no distillation).
+        teacher: a run folder of a trained classifier on the same data (None = no distillation); for an SSD
+            detector, a classifier of the detection data's classes, which classifies each training box's crop.
         temperature: T, the softmax temperature of the soft targets (> 0).
         alpha: the weight of the soft (teacher) term, in [0, 1]; the labels' cross-entropy gets 1 - alpha.
-            The loss is ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE``.
+            The loss is ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE``. For a detector the
+            soft term, weighted by alpha, is added to the detector's own losses, which stay whole (they hold the
+            background and the boxes).
     """
 
     teacher: str | None = None
@@ -443,6 +446,7 @@ def _validate_distill(config: TrainConfig) -> None:
         if config.model.name not in list_models():  # an unknown name gets its own message when the model is built
             return
         task = model_info(config.model.name).task
-    if task != DISTILL_TASK:
+    if task not in (DISTILL_TASK, "detection"):  # a detector: checked when it is built (SSD takes a box teacher)
         raise CnnlabError(f"distill.teacher (--teacher) needs a model whose outputs are class logits (a {DISTILL_TASK} "
-                          f"model), but {config.model.name} is a {task} model; leave the teacher out")
+                          f"model, or an SSD detector), but {config.model.name} is a {task} model; leave the "
+                          "teacher out")

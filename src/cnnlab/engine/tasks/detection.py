@@ -199,6 +199,11 @@ class DetectionTask(Task):
     # the second (loss) pass per evaluated image; False: val_loss/test_loss are NaN and evaluation takes half the time
     compute_loss: bool = True
 
+    def __init__(self, loss: str = "auto") -> None:
+        super().__init__(loss)
+        self._teacher = None  # config.distill's classifier, teaching an SSD's class scores per box
+        self._distill = None  # the run's DistillConfig, for results.json
+
     @staticmethod
     def model_kwargs(num_classes: int, input_shape: Sequence[int]) -> dict[str, int]:
         """``create_model`` arguments for data with ``num_classes`` foreground classes (the background is added)."""
@@ -238,7 +243,34 @@ class DetectionTask(Task):
             model.fit_to_data(training_box_wh(model, data.train), seed=config.seed)
         if from_file:  # (a checkpoint's fitted parts, anchors included, replace the fit)  # a whole detector's weights; only its class-specific predictor may differ in size
             load_model_weights(model, weights, config.model.name, default_head="roi_heads.box_predictor")
+        distill = getattr(config, "distill", None)
+        if distill is not None and distill.teacher is not None:
+            self._prepare_teacher(config, data, model)  # a wrong teacher fails now, before the first step
         return model
+
+    def _prepare_teacher(self, config, data, model: nn.Module) -> None:
+        """``config.distill``'s classifier as a box teacher (loaded once, on the CPU), for a detector that takes one
+        (SSD: ``distill_from``) on data of the teacher's classes."""
+        from cnnlab.compress.distill import Teacher
+
+        if not callable(getattr(model, "distill_from", None)):
+            raise CnnlabError(f"distill.teacher (--teacher) teaches a detector's class scores per box; "
+                              f"{config.model.name} has no such loss (SSD and ssd300_vgg16 do): leave the teacher out")
+        if self._teacher is None or self._distill.teacher != config.distill.teacher:
+            teacher = Teacher.load(config.distill.teacher)
+            teacher.check_box_classes(data.classes)
+            self._teacher, self._distill = teacher, config.distill
+        model.distill_from(config.distill.temperature, config.distill.alpha)
+
+    def _with_teacher_logits(self, images: list[torch.Tensor], targets: list[dict]) -> list[dict]:
+        """Each target with ``teacher_logits`` (N, K): the teacher's view of every box's crop of the training image
+        as the step sees it (augmented), without gradients."""
+        teacher = self._teacher
+        device = images[0].device if images else torch.device("cpu")
+        if teacher.placement != (device, False):
+            teacher.to(device)
+        logits = teacher.box_logits(images, [t["boxes"] for t in targets]).split([len(t["boxes"]) for t in targets])
+        return [{**t, "teacher_logits": z} for t, z in zip(targets, logits)]
 
     def prepare(self, data) -> None:
         if not data.classes:
@@ -246,7 +278,10 @@ class DetectionTask(Task):
 
     def step(self, net, batch, config):
         images, targets = unpack_batch(batch)
-        losses = named_losses(net(images, model_targets(targets)))
+        targets = model_targets(targets)
+        if self._teacher is not None:
+            targets = self._with_teacher_logits(images, targets)
+        losses = named_losses(net(images, targets))
         return StepOutput(total_loss(losses), losses, None, len(images))
 
     def meter(self, device):
@@ -304,6 +339,8 @@ class DetectionTask(Task):
                                "metric": "coco", "test_losses": test.details.get("losses", {})}
         if found is not None:
             out["per_class"] = per_class_rows(found)
+        if self._teacher is not None:  # a distilled run says from whom and how
+            out.update(self._teacher.describe(), temperature=self._distill.temperature, alpha=self._distill.alpha)
         return out
 
     def headline(self, test: TaskResult) -> str:
