@@ -159,3 +159,29 @@ def test_a_box_teacher_is_refused_for_other_detectors_and_other_classes(tmp_path
     # a config-level check still refuses models with no class logits at all
     with pytest.raises(CnnlabError, match="or an SSD detector"):
         apply_overrides(TrainConfig(), ["model.name=conv_autoencoder", "distill.teacher=runs/t"])
+
+
+def test_a_taught_ssd_run_resumes_exactly(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr(D.Teacher, "load", classmethod(lambda cls, run_dir: _teacher()))
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_one(row):
+        if row["epoch"] == 1:
+            raise Interrupted
+
+    def config(name):
+        c = _ssd_config(tmp_path, name)
+        c.epochs = 2
+        return c
+
+    train(config("straight"), data=make_bundle(n_train=8, n_val=4, n_test=4))
+    with pytest.raises(Interrupted):
+        train(config("split"), data=make_bundle(n_train=8, n_val=4, n_test=4), callbacks=[stop_after_one])
+    train(config("split"), data=make_bundle(n_train=8, n_val=4, n_test=4), resume=True)
+    for name in ("last.safetensors", "last.state.safetensors"):
+        a, b = load_file(tmp_path / "straight" / name), load_file(tmp_path / "split" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name  # bitwise on the CPU
