@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +20,8 @@ from cnnlab.detection.boxes import BoxCoder
 from cnnlab.engine import train
 from cnnlab.engine.config import ModelConfig, TrainConfig, apply_overrides
 from cnnlab.engine.tasks.detection import DetectionTask
-from tests.engine.test_detection_task import CLASSES, MODEL, det_config, make_bundle
+from cnnlab.models import create_model
+from tests.engine.test_detection_task import CLASSES, MODEL, det_config, make_bundle, resumes_exactly
 
 
 # -- the crops ---------------------------------------------------------------------------------------------------
@@ -113,7 +115,7 @@ class _Seen(nn.Module):
 
 def _teacher(classes=CLASSES) -> Teacher:
     torch.manual_seed(5)
-    return Teacher(_Seen().eval().requires_grad_(False), __import__("pathlib").Path("stand-in-teacher"), "best",
+    return Teacher(_Seen().eval().requires_grad_(False), Path("stand-in-teacher"), "best",
                    list(classes), (1, 16, 16), {"kind": "standard", "mean": [0.5], "std": [0.25]}, "shapes", {})
 
 
@@ -154,7 +156,7 @@ def test_a_box_teacher_is_refused_for_other_detectors_and_other_classes(tmp_path
         train(config, data=bundle)
     monkeypatch.setattr(D.Teacher, "load", classmethod(lambda cls, run_dir: _teacher(["bar", "square"])))
     with pytest.raises(CnnlabError, match="same order"):
-        DetectionTask()._prepare_teacher(_ssd_config(tmp_path), bundle, __import__("cnnlab").create_model(
+        DetectionTask()._prepare_teacher(_ssd_config(tmp_path), bundle, create_model(
             "ssd", backbone="simple_cnn_bn", num_classes=3, size=64, num_maps=3))
     # a config-level check still refuses models with no class logits at all
     with pytest.raises(CnnlabError, match="or an SSD detector"):
@@ -162,26 +164,11 @@ def test_a_box_teacher_is_refused_for_other_detectors_and_other_classes(tmp_path
 
 
 def test_a_taught_ssd_run_resumes_exactly(tmp_path, monkeypatch):
-    from safetensors.torch import load_file
-
     monkeypatch.setattr(D.Teacher, "load", classmethod(lambda cls, run_dir: _teacher()))
-
-    class Interrupted(Exception):
-        pass
-
-    def stop_after_one(row):
-        if row["epoch"] == 1:
-            raise Interrupted
 
     def config(name):
         c = _ssd_config(tmp_path, name)
         c.epochs = 2
         return c
 
-    train(config("straight"), data=make_bundle(n_train=8, n_val=4, n_test=4))
-    with pytest.raises(Interrupted):
-        train(config("split"), data=make_bundle(n_train=8, n_val=4, n_test=4), callbacks=[stop_after_one])
-    train(config("split"), data=make_bundle(n_train=8, n_val=4, n_test=4), resume=True)
-    for name in ("last.safetensors", "last.state.safetensors"):
-        a, b = load_file(tmp_path / "straight" / name), load_file(tmp_path / "split" / name)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name  # bitwise on the CPU
+    resumes_exactly(tmp_path, config)
